@@ -1,0 +1,311 @@
+//! Client wire frames: JSON text frames tagged by `t`. See PROTOCOL.md for the prose version.
+//!
+//! Decoding is strict about what it needs and lenient about what it does not: unknown fields are
+//! ignored (so clients can evolve), but a frame that is not JSON, has an unknown type, misses a
+//! field, has a field of the wrong type, or an id that breaks the id rules gets a precise error.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ClientMsgId, UserId};
+
+/// Limits applied while decoding a client frame.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest message body in bytes.
+    pub max_body: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body: 32 * 1024,
+        }
+    }
+}
+
+/// A decoded and validated client frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    /// Send a 1:1 message.
+    Send {
+        id: ClientMsgId,
+        to: UserId,
+        body: String,
+    },
+    /// Cumulative delivery ack: this device has every inbox item with `seq` <= this.
+    Ack { seq: u64 },
+    /// Application heartbeat; answered with `pong`.
+    Ping,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum RawFrame {
+    Send {
+        id: String,
+        to: String,
+        body: String,
+    },
+    Ack {
+        seq: u64,
+    },
+    Ping,
+}
+
+/// Machine-readable error codes, stable across versions (PROTOCOL.md lists them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not valid JSON (or not UTF-8 text).
+    BadJson,
+    /// `t` names no known frame type, or is missing.
+    UnknownType,
+    /// A required field is missing.
+    MissingField,
+    /// A field has the wrong type or an invalid value.
+    BadField,
+    /// The message body is larger than the limit.
+    TooLarge,
+    /// Binary frames are not part of the protocol.
+    BinaryUnsupported,
+    /// Too many frames; slow down.
+    RateLimited,
+    /// The backbone is unavailable; retry later with the same message id.
+    Unavailable,
+    /// An unexpected server failure; retry later with the same message id.
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {msg}")]
+pub struct DecodeError {
+    pub code: ErrorCode,
+    pub msg: String,
+    /// The frame's `id`, when it had a readable one, so the client can match the error.
+    pub id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<serde_json::Value>,
+}
+
+fn id_of(bytes: &[u8]) -> Option<String> {
+    match serde_json::from_slice::<IdOnly>(bytes).ok()?.id? {
+        serde_json::Value::String(s) if s.len() <= 128 => Some(s),
+        _ => None,
+    }
+}
+
+/// Decodes one client text frame.
+pub fn decode_client_frame(bytes: &[u8], limits: &Limits) -> Result<ClientFrame, DecodeError> {
+    let raw: RawFrame = serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        let text = e.to_string();
+        let code = match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => ErrorCode::BadJson,
+            Category::Data if text.starts_with("unknown variant") => ErrorCode::UnknownType,
+            Category::Data if text.starts_with("missing field `t`") => ErrorCode::UnknownType,
+            Category::Data if text.starts_with("missing field") => ErrorCode::MissingField,
+            Category::Data => ErrorCode::BadField,
+        };
+        let id = if code == ErrorCode::BadJson {
+            None
+        } else {
+            id_of(bytes)
+        };
+        DecodeError {
+            code,
+            msg: text,
+            id,
+        }
+    })?;
+    match raw {
+        RawFrame::Send { id, to, body } => {
+            let bad = |msg: String, id: Option<String>| DecodeError {
+                code: ErrorCode::BadField,
+                msg,
+                id,
+            };
+            let cid = ClientMsgId::parse(&id).map_err(|e| bad(format!("id: {e}"), None))?;
+            let to = UserId::parse(&to).map_err(|e| bad(format!("to: {e}"), Some(id.clone())))?;
+            if body.len() > limits.max_body {
+                return Err(DecodeError {
+                    code: ErrorCode::TooLarge,
+                    msg: format!(
+                        "body is {} bytes, the limit is {}",
+                        body.len(),
+                        limits.max_body
+                    ),
+                    id: Some(id),
+                });
+            }
+            Ok(ClientFrame::Send { id: cid, to, body })
+        }
+        RawFrame::Ack { seq } => Ok(ClientFrame::Ack { seq }),
+        RawFrame::Ping => Ok(ClientFrame::Ping),
+    }
+}
+
+/// Frames the server sends, other than stored inbox items (see [`render_item`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// First frame on every connection.
+    Hello {
+        user: &'a str,
+        device: &'a str,
+        gateway: &'a str,
+        /// The client should send something (a `ping` will do) at least this often.
+        heartbeat_ms: u64,
+        max_body: usize,
+        /// Inbox items after this sequence will follow.
+        resume_from: u64,
+    },
+    /// The message with this client id is durable; `sid` is its server id.
+    Sent {
+        id: &'a str,
+        sid: u64,
+        ts: u64,
+        dup: bool,
+    },
+    /// The inbox has been drained up to `seq`; what follows is live.
+    Synced {
+        seq: u64,
+    },
+    Pong,
+    Error {
+        code: ErrorCode,
+        msg: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+    },
+    /// The server is going away; reconnect (with backoff) to another gateway.
+    Reconnect {
+        reason: &'a str,
+    },
+}
+
+impl ServerFrame<'_> {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server frame serialises")
+    }
+}
+
+/// Renders a stored inbox item as a `msg` frame without parsing it:
+/// `{"t":"msg","seq":<seq>,"m":<stored item>}`. The stored bytes are JSON written by our own
+/// services (see [`crate::item::InboxItem`]).
+pub fn render_item(seq: u64, item: &[u8]) -> String {
+    let item = std::str::from_utf8(item).unwrap_or("null");
+    let mut s = String::with_capacity(item.len() + 32);
+    s.push_str("{\"t\":\"msg\",\"seq\":");
+    s.push_str(&seq.to_string());
+    s.push_str(",\"m\":");
+    s.push_str(item);
+    s.push('}');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(s: &str) -> Result<ClientFrame, DecodeError> {
+        decode_client_frame(s.as_bytes(), &Limits::default())
+    }
+
+    #[test]
+    fn decodes_valid_frames() {
+        assert_eq!(
+            dec(r#"{"t":"send","id":"c1","to":"bob","body":"hi","extra":1}"#).unwrap(),
+            ClientFrame::Send {
+                id: ClientMsgId::parse("c1").unwrap(),
+                to: UserId::parse("bob").unwrap(),
+                body: "hi".into()
+            }
+        );
+        assert_eq!(
+            dec(r#"{"t":"ack","seq":5}"#).unwrap(),
+            ClientFrame::Ack { seq: 5 }
+        );
+        assert_eq!(dec(r#"{"t":"ping"}"#).unwrap(), ClientFrame::Ping);
+    }
+
+    #[test]
+    fn classifies_errors() {
+        let code = |s: &str| dec(s).unwrap_err().code;
+        assert_eq!(code("{"), ErrorCode::BadJson);
+        assert_eq!(code("[]"), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"t":"nope"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"id":"x"}"#), ErrorCode::UnknownType);
+        assert_eq!(
+            code(r#"{"t":"send","id":"c","to":"b"}"#),
+            ErrorCode::MissingField
+        );
+        assert_eq!(code(r#"{"t":"ack","seq":"x"}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"t":"ack","seq":-1}"#), ErrorCode::BadField);
+        assert_eq!(
+            code(r#"{"t":"send","id":"c","to":"a.b","body":""}"#),
+            ErrorCode::BadField
+        );
+        assert_eq!(
+            code(r#"{"t":"send","id":"a b","to":"b","body":""}"#),
+            ErrorCode::BadField
+        );
+    }
+
+    #[test]
+    fn errors_carry_the_frame_id_when_readable() {
+        let e = dec(r#"{"t":"send","id":"c9","to":"b"}"#).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("c9"));
+        let e = dec(r#"{"t":"send","id":"c9","to":"bad.user","body":""}"#).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("c9"));
+    }
+
+    #[test]
+    fn enforces_body_limit() {
+        let body = "x".repeat(11);
+        let f = format!(r#"{{"t":"send","id":"c","to":"b","body":"{body}"}}"#);
+        let e = decode_client_frame(f.as_bytes(), &Limits { max_body: 10 }).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn renders_items_and_frames() {
+        assert_eq!(
+            render_item(3, br#"{"k":"chat"}"#),
+            r#"{"t":"msg","seq":3,"m":{"k":"chat"}}"#
+        );
+        let e = ServerFrame::Error {
+            code: ErrorCode::BadJson,
+            msg: "x",
+            id: None,
+        };
+        assert_eq!(e.to_json(), r#"{"t":"error","code":"bad_json","msg":"x"}"#);
+        let s = ServerFrame::Sent {
+            id: "c",
+            sid: 1,
+            ts: 2,
+            dup: false,
+        };
+        assert_eq!(
+            s.to_json(),
+            r#"{"t":"sent","id":"c","sid":1,"ts":2,"dup":false}"#
+        );
+    }
+
+    #[test]
+    fn never_panics_on_junk() {
+        for s in [
+            "",
+            "\u{0}",
+            "null",
+            "1",
+            r#"{"t":1}"#,
+            r#"{"t":"send","id":1,"to":[],"body":{}}"#,
+        ] {
+            let _ = dec(s);
+        }
+        let _ = decode_client_frame(&[0xff, 0xfe], &Limits::default());
+    }
+}

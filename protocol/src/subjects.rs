@@ -1,0 +1,56 @@
+//! NATS names: subjects, streams and buckets. Every service builds its subjects here so that a
+//! rename is one edit.
+
+use crate::ids::{DeviceId, UserId};
+
+/// The stream holding every user's durable inbox.
+pub const INBOX_STREAM: &str = "INBOX";
+/// Subjects the INBOX stream captures: `inbox.<user>`.
+pub const INBOX_SUBJECTS: &str = "inbox.*";
+/// Prefix of the live copies JetStream republishes for every stored inbox message.
+pub const LIVE_PREFIX: &str = "live";
+/// KV bucket of per-device delivery cursors, keyed `<user>.<device>`.
+pub const CURSORS_BUCKET: &str = "cursors";
+
+pub fn inbox(user: &UserId) -> String {
+    format!("inbox.{user}")
+}
+
+pub fn live(user: &UserId) -> String {
+    format!("{LIVE_PREFIX}.{user}")
+}
+
+/// The user a `live.<user>` or `inbox.<user>` subject belongs to, if it is one.
+pub fn user_of(subject: &str) -> Option<&str> {
+    let (_, user) = subject.split_once('.')?;
+    (!user.is_empty() && !user.contains('.')).then_some(user)
+}
+
+pub fn cursor_key(user: &UserId, device: &DeviceId) -> String {
+    format!("{user}.{device}")
+}
+
+/// Splits a cursor key back into its user and device.
+pub fn parse_cursor_key(key: &str) -> Option<(&str, &str)> {
+    let (user, device) = key.split_once('.')?;
+    (!user.is_empty() && !device.is_empty() && !device.contains('.')).then_some((user, device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_round_trip() {
+        let u = UserId::parse("bob").unwrap();
+        let d = DeviceId::parse("phone").unwrap();
+        assert_eq!(inbox(&u), "inbox.bob");
+        assert_eq!(user_of(&live(&u)), Some("bob"));
+        assert_eq!(
+            parse_cursor_key(&cursor_key(&u, &d)),
+            Some(("bob", "phone"))
+        );
+        assert_eq!(user_of("live"), None);
+        assert_eq!(parse_cursor_key("bob."), None);
+    }
+}
