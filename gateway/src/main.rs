@@ -1,1 +1,123 @@
-fn main() {}
+//! The gateway binary: thread-per-core WebSocket executors on glommio, bridged to NATS.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+mod bridge;
+mod config;
+mod conn;
+mod delivery;
+mod executor;
+mod handshake;
+mod metrics;
+mod outbox;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    telemetry::init_logging("gateway");
+    let (cfg, secret) = config::Config::load()?;
+    let cfg = Arc::new(cfg);
+    let gateway_id: Arc<str> = cfg
+        .gateway_id
+        .clone()
+        .unwrap_or_else(|| format!("gw-{:08x}", rand_u32()))
+        .into();
+    let keys = Arc::new(protocol::TokenKeys::hs256(&secret, cfg.token_leeway_secs));
+    let metrics = Arc::new(metrics::Metrics::new(&gateway_id));
+    let health = Arc::new(telemetry::Health::default());
+    let cores = cfg.cores();
+
+    let (bridge, exec_events, _bridge_thread) = bridge::start(
+        bridge::BridgeConfig {
+            nats: cfg.nats.clone(),
+            gateway_id: gateway_id.to_string(),
+            cursor_flush: Duration::from_millis(cfg.cursor_flush_ms),
+            receipt_flush: Duration::from_millis(cfg.receipt_flush_ms),
+        },
+        cores,
+        metrics.clone(),
+        health.clone(),
+        cfg.metrics_addr,
+    )?;
+
+    // The executors accept only once the backbone is ready, so that readiness means "serving".
+    while !health.is_ready() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let online = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut handles = Vec::new();
+    for (id, events) in exec_events.into_iter().enumerate() {
+        let (cfg, keys, bridge, metrics, gateway_id) = (
+            cfg.clone(),
+            keys.clone(),
+            bridge.clone(),
+            metrics.clone(),
+            gateway_id.clone(),
+        );
+        let placement = if cores <= online {
+            Placement::Fixed(id)
+        } else {
+            Placement::Unbound
+        };
+        let h = LocalExecutorBuilder::new(placement)
+            .name(&format!("gateway-{id}"))
+            .io_memory(cfg.io_memory)
+            .spawn(move || async move {
+                let ctx = Rc::new(executor::ExecCtx::new(
+                    id, cfg, keys, bridge, metrics, gateway_id,
+                ));
+                executor::run(ctx, events).await
+            })
+            .map_err(|e| anyhow::anyhow!("starting executor {id}: {e}"))?;
+        handles.push(h);
+    }
+    tracing::info!(gateway = %gateway_id, listen = %cfg.listen, metrics = %cfg.metrics_addr, executors = cores, "gateway serving");
+
+    wait_for_signal();
+    tracing::info!("draining");
+    health.set_ready(false);
+    bridge.drain();
+    for h in handles {
+        let _ = h.join();
+    }
+    // Give the bridge a moment to write the cursors of the connections that just closed.
+    std::thread::sleep(Duration::from_millis(cfg.cursor_flush_ms.min(1000) + 100));
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// Blocks until SIGTERM or SIGINT.
+fn wait_for_signal() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("signal runtime");
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    });
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as u32
+}

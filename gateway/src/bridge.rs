@@ -1,0 +1,599 @@
+//! The bridge between the glommio executors and NATS. async-nats is a tokio library, so it runs
+//! on a thread of its own with a current-thread tokio runtime; executors talk to it through
+//! runtime-neutral channels (flume for commands and events, futures' oneshot for replies).
+//!
+//! The bridge owns:
+//! * publishing to JetStream, answering each publish with its PubAck (sequence, duplicate);
+//! * live interest: one core NATS subscription on `live.<user>` per user connected to this
+//!   gateway, shared by all of the user's connections on all executors (see ARCHITECTURE.md for
+//!   its measured cost), and the forwarding of live copies to the executors that want them;
+//! * inbox reads for drains, device cursors (debounced writes) and delivery receipts (coalesced
+//!   per conversation);
+//! * NATS connection events: after a reconnect or a slow-consumer event every connection is told
+//!   to resync from its inbox, since live copies may have been dropped meanwhile.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use bytes::Bytes;
+use futures::channel::oneshot;
+use futures::stream::{AbortHandle, Abortable, SelectAll};
+use futures::StreamExt;
+use fxhash::FxHashMap;
+use protocol::item::{InboxItem, ReceiptStatus};
+use protocol::{ids, subjects, DeviceId, UserId};
+
+use crate::metrics::Metrics;
+
+/// Settings the bridge needs from the gateway's config.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    pub nats: bus::NatsArgs,
+    pub gateway_id: String,
+    pub cursor_flush: Duration,
+    pub receipt_flush: Duration,
+}
+
+/// A message stored by JetStream.
+#[derive(Debug, Clone, Copy)]
+pub struct Stored {
+    pub seq: u64,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishFailure {
+    /// JetStream did not confirm in time or is unreachable: the message may or may not be
+    /// stored, and a retry with the same id is safe.
+    Unavailable,
+    Internal,
+}
+
+pub enum Command {
+    Publish {
+        subject: String,
+        msg_id: String,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<Stored, PublishFailure>>,
+    },
+    /// Executor `exec` wants live copies for `user`; the reply comes once the server has the
+    /// subscription, so a drain started after it cannot miss an item.
+    Subscribe {
+        user: UserId,
+        exec: usize,
+        reply: oneshot::Sender<()>,
+    },
+    Unsubscribe {
+        user: UserId,
+        exec: usize,
+    },
+    Fetch {
+        user: UserId,
+        after: u64,
+        max: usize,
+        reply: oneshot::Sender<anyhow::Result<Vec<bus::inbox::StoredItem>>>,
+    },
+    /// The device's stored cursor; registers the device (cursor 0) when it has none, so storage
+    /// keeps the inbox for it.
+    OpenCursor {
+        user: UserId,
+        device: DeviceId,
+        reply: oneshot::Sender<anyhow::Result<u64>>,
+    },
+    /// Record a device's cursor: debounced, or at once with `now` (a closing connection).
+    Cursor {
+        user: UserId,
+        device: DeviceId,
+        seq: u64,
+        now: bool,
+    },
+    /// `by` has received every message of `to`'s up to sid `up_to`.
+    Receipt {
+        by: UserId,
+        to: String,
+        up_to: u64,
+    },
+    /// Tell every executor to drain.
+    Drain,
+}
+
+/// What the bridge sends an executor.
+pub enum ExecEvent {
+    Live {
+        user: UserId,
+        seq: u64,
+        prev: u64,
+        payload: Bytes,
+    },
+    /// Live copies may have been lost: every connection resyncs from its inbox.
+    ResyncAll,
+    /// The gateway is shutting down: stop accepting and send clients elsewhere.
+    Drain,
+}
+
+/// The executors' handle on the bridge. Cheap to clone; usable from any thread.
+#[derive(Clone)]
+pub struct Bridge {
+    tx: flume::Sender<Command>,
+}
+
+impl Bridge {
+    fn send(&self, cmd: Command) {
+        // The bridge thread lives as long as the process; if it is gone the reply channel of
+        // the command reports it as cancelled.
+        let _ = self.tx.send(cmd);
+    }
+
+    pub async fn publish(
+        &self,
+        subject: String,
+        msg_id: String,
+        payload: Bytes,
+    ) -> Result<Stored, PublishFailure> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Publish {
+            subject,
+            msg_id,
+            payload,
+            reply,
+        });
+        rx.await.unwrap_or(Err(PublishFailure::Unavailable))
+    }
+
+    pub async fn subscribe(&self, user: UserId, exec: usize) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Subscribe { user, exec, reply });
+        rx.await.is_ok()
+    }
+
+    pub fn unsubscribe(&self, user: UserId, exec: usize) {
+        self.send(Command::Unsubscribe { user, exec });
+    }
+
+    pub async fn fetch(
+        &self,
+        user: UserId,
+        after: u64,
+        max: usize,
+    ) -> anyhow::Result<Vec<bus::inbox::StoredItem>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Fetch {
+            user,
+            after,
+            max,
+            reply,
+        });
+        rx.await.context("bridge gone")?
+    }
+
+    pub async fn open_cursor(&self, user: UserId, device: DeviceId) -> anyhow::Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::OpenCursor {
+            user,
+            device,
+            reply,
+        });
+        rx.await.context("bridge gone")?
+    }
+
+    pub fn cursor(&self, user: UserId, device: DeviceId, seq: u64, now: bool) {
+        self.send(Command::Cursor {
+            user,
+            device,
+            seq,
+            now,
+        });
+    }
+
+    pub fn receipt(&self, by: UserId, to: String, up_to: u64) {
+        self.send(Command::Receipt { by, to, up_to });
+    }
+}
+
+/// Starts the bridge thread. Returns the handle and one event receiver per executor.
+pub fn start(
+    cfg: BridgeConfig,
+    executors: usize,
+    metrics: Arc<Metrics>,
+    health: Arc<telemetry::Health>,
+    metrics_addr: std::net::SocketAddr,
+) -> anyhow::Result<(
+    Bridge,
+    Vec<flume::Receiver<ExecEvent>>,
+    std::thread::JoinHandle<()>,
+)> {
+    let (tx, rx) = flume::unbounded();
+    let (exec_tx, exec_rx): (Vec<_>, Vec<_>) = (0..executors).map(|_| flume::unbounded()).unzip();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = std::thread::Builder::new()
+        .name("nats-bridge".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let render_metrics = metrics.clone();
+                let render: Arc<dyn Fn() -> String + Send + Sync> =
+                    Arc::new(move || render_metrics.render());
+                if let Err(e) = telemetry::spawn(metrics_addr, render, health.clone()).await {
+                    tracing::error!(error = %e, "metrics endpoint failed to start");
+                    std::process::exit(1);
+                }
+                if let Err(e) = run(cfg, rx, exec_tx, metrics, health).await {
+                    tracing::error!(error = %format!("{e:#}"), "bridge failed");
+                    std::process::exit(1);
+                }
+            })
+        })?;
+    Ok((Bridge { tx }, exec_rx, handle))
+}
+
+/// Live interest of this gateway in one user.
+struct Interest {
+    /// Connections per executor: (executor, count).
+    execs: Vec<(usize, u32)>,
+    abort: AbortHandle,
+    /// Subscribers waiting until the server has the subscription.
+    waiting: Option<Vec<oneshot::Sender<()>>>,
+}
+
+type LiveStream = Abortable<
+    futures::stream::Map<
+        async_nats::Subscriber,
+        Box<dyn FnMut(async_nats::Message) -> (UserId, async_nats::Message)>,
+    >,
+>;
+
+enum Internal {
+    /// The server has the subscription for this user (or failed to: then `ok` is false).
+    Subscribed(UserId, bool),
+    /// A receipt publish failed; retry it at the next flush.
+    RetryReceipt((UserId, String), u64),
+}
+
+async fn run(
+    cfg: BridgeConfig,
+    commands: flume::Receiver<Command>,
+    exec_tx: Vec<flume::Sender<ExecEvent>>,
+    metrics: Arc<Metrics>,
+    health: Arc<telemetry::Health>,
+) -> anyhow::Result<()> {
+    let (ev_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let client = bus::connect(
+        &cfg.nats,
+        &format!("gateway {}", cfg.gateway_id),
+        Some(ev_tx),
+    )
+    .await?;
+    let js = jetstream::ContextBuilder::new()
+        .ack_timeout(Duration::from_secs(5))
+        .max_ack_inflight(20_000)
+        .build(client.clone());
+    bus::wait_ready(&js).await?;
+    let kv = js.get_key_value(subjects::CURSORS_BUCKET).await?;
+    health.set_ready(true);
+    tracing::info!(gateway = %cfg.gateway_id, "bridge ready");
+
+    let (int_tx, mut internal) = tokio::sync::mpsc::unbounded_channel::<Internal>();
+    let mut interests: FxHashMap<UserId, Interest> = FxHashMap::default();
+    let mut live: SelectAll<LiveStream> = SelectAll::new();
+    let mut cursors: FxHashMap<(UserId, DeviceId), u64> = FxHashMap::default();
+    let mut receipts: FxHashMap<(UserId, String), u64> = FxHashMap::default();
+    let mut cursor_tick = tokio::time::interval(cfg.cursor_flush);
+    let mut receipt_tick = tokio::time::interval(cfg.receipt_flush);
+    let mut disconnected = false;
+
+    loop {
+        tokio::select! {
+            cmd = commands.recv_async() => {
+                let Ok(cmd) = cmd else { break };
+                match cmd {
+                    Command::Publish { subject, msg_id, payload, reply } => {
+                        publish(&js, &metrics, subject, msg_id, payload, reply).await;
+                    }
+                    Command::Subscribe { user, exec, reply } => {
+                        if let Some(i) = interests.get_mut(&user) {
+                            match i.execs.iter_mut().find(|(e, _)| *e == exec) {
+                                Some((_, n)) => *n += 1,
+                                None => i.execs.push((exec, 1)),
+                            }
+                            match &mut i.waiting {
+                                Some(w) => w.push(reply),
+                                None => { let _ = reply.send(()); }
+                            }
+                            continue;
+                        }
+                        match client.subscribe(subjects::live(&user)).await {
+                            Ok(sub) => {
+                                let u = user.clone();
+                                let tag: Box<dyn FnMut(async_nats::Message) -> (UserId, async_nats::Message)> =
+                                    Box::new(move |m| (u.clone(), m));
+                                let (abort, reg) = AbortHandle::new_pair();
+                                live.push(Abortable::new(sub.map(tag), reg));
+                                interests.insert(user.clone(), Interest { execs: vec![(exec, 1)], abort, waiting: Some(vec![reply]) });
+                                metrics.live_subscriptions.inc();
+                                // The reply waits for a round trip to the server (PING/PONG):
+                                // after it, the subscription is registered there.
+                                let (client, int_tx) = (client.clone(), int_tx.clone());
+                                tokio::spawn(async move {
+                                    let ok = client.flush().await.is_ok();
+                                    let _ = int_tx.send(Internal::Subscribed(user, ok));
+                                });
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "live subscribe failed");
+                                drop(reply);
+                            }
+                        }
+                    }
+                    Command::Unsubscribe { user, exec } => {
+                        let Some(i) = interests.get_mut(&user) else { continue };
+                        if let Some(pos) = i.execs.iter().position(|(e, _)| *e == exec) {
+                            i.execs[pos].1 -= 1;
+                            if i.execs[pos].1 == 0 {
+                                i.execs.swap_remove(pos);
+                            }
+                        }
+                        if i.execs.is_empty() {
+                            // Ending the stream drops the Subscriber, which unsubscribes.
+                            i.abort.abort();
+                            interests.remove(&user);
+                            metrics.live_subscriptions.dec();
+                        }
+                    }
+                    Command::Fetch { user, after, max, reply } => {
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            let _ = reply.send(bus::inbox::fetch_after(&client, &user, after, max).await);
+                        });
+                    }
+                    Command::OpenCursor { user, device, reply } => {
+                        let kv = kv.clone();
+                        tokio::spawn(async move { let _ = reply.send(open_cursor(&kv, &user, &device).await); });
+                    }
+                    Command::Cursor { user, device, seq, now } => {
+                        let key = (user, device);
+                        let seq = cursors.get(&key).copied().unwrap_or(0).max(seq);
+                        if now {
+                            cursors.remove(&key);
+                            spawn_cursor_put(&kv, &metrics, key, seq);
+                        } else {
+                            cursors.insert(key, seq);
+                        }
+                    }
+                    Command::Receipt { by, to, up_to } => {
+                        let e = receipts.entry((by, to)).or_insert(0);
+                        *e = (*e).max(up_to);
+                    }
+                    Command::Drain => {
+                        for tx in &exec_tx {
+                            let _ = tx.send(ExecEvent::Drain);
+                        }
+                    }
+                }
+            }
+            Some((user, msg)) = live.next(), if !live.is_empty() => {
+                forward_live(&interests, &exec_tx, user, msg);
+            }
+            Some(int) = internal.recv() => match int {
+                Internal::Subscribed(user, ok) => {
+                    if let Some(i) = interests.get_mut(&user) {
+                        for w in i.waiting.take().unwrap_or_default() {
+                            if ok { let _ = w.send(()); }
+                        }
+                    }
+                }
+                Internal::RetryReceipt(key, up_to) => {
+                    let e = receipts.entry(key).or_insert(0);
+                    *e = (*e).max(up_to);
+                }
+            },
+            Some(ev) = events.recv() => match ev {
+                async_nats::Event::Disconnected => { disconnected = true; health.set_ready(false); }
+                async_nats::Event::Connected => {
+                    health.set_ready(true);
+                    if disconnected {
+                        disconnected = false;
+                        metrics.nats_reconnects.inc();
+                        resync_all(&exec_tx);
+                    }
+                }
+                async_nats::Event::SlowConsumer(_) => {
+                    metrics.nats_slow_consumers.inc();
+                    resync_all(&exec_tx);
+                }
+                _ => {}
+            },
+            _ = cursor_tick.tick(), if !cursors.is_empty() => {
+                for (key, seq) in cursors.drain() {
+                    spawn_cursor_put(&kv, &metrics, key, seq);
+                }
+            }
+            _ = receipt_tick.tick(), if !receipts.is_empty() => {
+                for ((by, to), up_to) in receipts.drain() {
+                    spawn_receipt(&js, &metrics, &int_tx, by, to, up_to);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn publish(
+    js: &jetstream::Context,
+    metrics: &Arc<Metrics>,
+    subject: String,
+    msg_id: String,
+    payload: Bytes,
+    reply: oneshot::Sender<Result<Stored, PublishFailure>>,
+) {
+    let started = Instant::now();
+    let fut = match js
+        .send_publish(
+            subject,
+            PublishMessage::build().message_id(msg_id).payload(payload),
+        )
+        .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, "publish failed");
+            metrics.publish_errors.inc();
+            let _ = reply.send(Err(PublishFailure::Unavailable));
+            return;
+        }
+    };
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        let r = match fut.await {
+            Ok(ack) => {
+                metrics
+                    .publish_ack_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.messages_published.inc();
+                if ack.duplicate {
+                    metrics.messages_duplicate.inc();
+                }
+                Ok(Stored {
+                    seq: ack.sequence,
+                    duplicate: ack.duplicate,
+                })
+            }
+            Err(e) => {
+                metrics.publish_errors.inc();
+                tracing::warn!(error = %e, "publish not acknowledged");
+                Err(match e.kind() {
+                    PublishErrorKind::TimedOut
+                    | PublishErrorKind::BrokenPipe
+                    | PublishErrorKind::StreamNotFound => PublishFailure::Unavailable,
+                    _ => PublishFailure::Internal,
+                })
+            }
+        };
+        let _ = reply.send(r);
+    });
+}
+
+fn forward_live(
+    interests: &FxHashMap<UserId, Interest>,
+    exec_tx: &[flume::Sender<ExecEvent>],
+    user: UserId,
+    msg: async_nats::Message,
+) {
+    let Some(i) = interests.get(&user) else {
+        return;
+    };
+    let header =
+        |name: &str| -> Option<u64> { msg.headers.as_ref()?.get(name)?.as_str().parse().ok() };
+    let Some(seq) = header("Nats-Sequence") else {
+        tracing::warn!(subject = %msg.subject, "live copy without Nats-Sequence ignored");
+        return;
+    };
+    let prev = header("Nats-Last-Sequence").unwrap_or(0);
+    for (exec, _) in &i.execs {
+        let _ = exec_tx[*exec].send(ExecEvent::Live {
+            user: user.clone(),
+            seq,
+            prev,
+            payload: msg.payload.clone(),
+        });
+    }
+}
+
+fn resync_all(exec_tx: &[flume::Sender<ExecEvent>]) {
+    for tx in exec_tx {
+        let _ = tx.send(ExecEvent::ResyncAll);
+    }
+}
+
+async fn open_cursor(
+    kv: &jetstream::kv::Store,
+    user: &UserId,
+    device: &DeviceId,
+) -> anyhow::Result<u64> {
+    let key = subjects::cursor_key(user, device);
+    for _ in 0..3 {
+        if let Some(v) = kv.get(&key).await? {
+            return Ok(std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0));
+        }
+        // Register the device so that storage keeps the inbox until this device has it. A
+        // concurrent connection of the same device may create it first: then read it again.
+        if kv.create(&key, Bytes::from_static(b"0")).await.is_ok() {
+            return Ok(0);
+        }
+    }
+    anyhow::bail!("could not read or create the cursor {key}")
+}
+
+fn spawn_cursor_put(
+    kv: &jetstream::kv::Store,
+    metrics: &Arc<Metrics>,
+    (user, device): (UserId, DeviceId),
+    seq: u64,
+) {
+    let (kv, metrics) = (kv.clone(), metrics.clone());
+    tokio::spawn(async move {
+        let key = subjects::cursor_key(&user, &device);
+        match kv.put(&key, seq.to_string().into()).await {
+            Ok(_) => {
+                metrics.cursor_writes.inc();
+            }
+            // A lost cursor write only means redelivery (deduplicated by clients) later.
+            Err(e) => tracing::warn!(error = %e, "cursor write failed"),
+        }
+    });
+}
+
+fn spawn_receipt(
+    js: &jetstream::Context,
+    metrics: &Arc<Metrics>,
+    retry: &tokio::sync::mpsc::UnboundedSender<Internal>,
+    by: UserId,
+    to: String,
+    up_to: u64,
+) {
+    let Ok(to_user) = UserId::parse(&to) else {
+        return;
+    };
+    let item = InboxItem::Receipt {
+        from: by.to_string(),
+        status: ReceiptStatus::Delivered,
+        up_to,
+        ts: protocol::now_ms(),
+    };
+    let msg_id = ids::receipt_dedup_id(&by, &to_user, ReceiptStatus::Delivered.as_str(), up_to);
+    let (js, metrics, retry) = (js.clone(), metrics.clone(), retry.clone());
+    tokio::spawn(async move {
+        let res = async {
+            js.send_publish(
+                subjects::inbox(&to_user),
+                PublishMessage::build()
+                    .message_id(msg_id)
+                    .payload(item.to_bytes().into()),
+            )
+            .await?
+            .await
+        }
+        .await;
+        match res {
+            Ok(_) => {
+                metrics.receipts_published.inc();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "receipt publish failed; will retry");
+                let _ = retry.send(Internal::RetryReceipt((by, to), up_to));
+            }
+        }
+    });
+}
+
+impl Bridge {
+    /// Starts a graceful drain (SIGTERM): executors stop accepting and send clients elsewhere.
+    pub fn drain(&self) {
+        self.send(Command::Drain);
+    }
+}

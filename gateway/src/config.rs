@@ -1,0 +1,118 @@
+//! Gateway configuration: flags, each with an environment override. Secrets come from a file or
+//! the environment, never from the command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "gateway",
+    about = "WebSocket gateway: authenticates clients and bridges them to NATS JetStream"
+)]
+pub struct Config {
+    /// Address of the WebSocket listener (one SO_REUSEPORT socket per executor).
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Address of the Prometheus metrics and health endpoints.
+    #[arg(long, env = "GATEWAY_METRICS_ADDR", default_value = "127.0.0.1:9101")]
+    pub metrics_addr: SocketAddr,
+    /// Executors (one per core, each pinned). Default: every available core.
+    #[arg(long, env = "GATEWAY_CORES")]
+    pub cores: Option<usize>,
+    /// This gateway's unique id. Default: random.
+    #[arg(long, env = "GATEWAY_ID")]
+    pub gateway_id: Option<String>,
+    #[command(flatten)]
+    pub nats: bus::NatsArgs,
+    /// File holding the HS256 token secret. Otherwise the secret is read from env JWT_SECRET.
+    #[arg(long, env = "JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Clock skew allowed on token expiry, in seconds.
+    #[arg(long, env = "GATEWAY_TOKEN_LEEWAY_SECS", default_value_t = 60)]
+    pub token_leeway_secs: u64,
+    /// Dev mode: serve GET /dev/token?user=NAME, minting tokens for anyone. Never in production.
+    #[arg(long, env = "GATEWAY_DEV_TOKENS")]
+    pub dev_tokens: bool,
+    /// Close a connection silent for this long (no frame, no ping).
+    #[arg(long, env = "GATEWAY_HEARTBEAT_TIMEOUT_SECS", default_value_t = 30)]
+    pub heartbeat_timeout_secs: u64,
+    /// Time a client has to complete the HTTP upgrade.
+    #[arg(long, env = "GATEWAY_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+    /// Close a connection whose socket accepts no bytes for this long (a client that never reads).
+    #[arg(long, env = "GATEWAY_WRITE_TIMEOUT_SECS", default_value_t = 30)]
+    pub write_timeout_secs: u64,
+    /// Largest message body, bytes.
+    #[arg(long, env = "GATEWAY_MAX_BODY", default_value_t = 32 * 1024)]
+    pub max_body: usize,
+    /// Largest WebSocket frame or message, bytes; larger ones close the connection (1009).
+    #[arg(long, env = "GATEWAY_MAX_FRAME", default_value_t = 64 * 1024)]
+    pub max_frame: usize,
+    /// Per-connection socket read chunk, bytes (small: most connections are idle).
+    #[arg(long, env = "GATEWAY_READ_BUFFER", default_value_t = 2048)]
+    pub read_buffer: usize,
+    /// Per-connection queue of frames waiting to be written.
+    #[arg(long, env = "GATEWAY_SEND_QUEUE", default_value_t = 512)]
+    pub send_queue: usize,
+    /// Sends a connection may have awaiting JetStream's acknowledgement before it stops reading.
+    #[arg(long, env = "GATEWAY_MAX_INFLIGHT", default_value_t = 64)]
+    pub max_inflight: usize,
+    /// Inbox items fetched per round trip while draining.
+    #[arg(long, env = "GATEWAY_DRAIN_BATCH", default_value_t = 256)]
+    pub drain_batch: usize,
+    /// Debounce of device cursor writes, milliseconds.
+    #[arg(long, env = "GATEWAY_CURSOR_FLUSH_MS", default_value_t = 500)]
+    pub cursor_flush_ms: u64,
+    /// Coalescing window of delivery receipts per conversation, milliseconds.
+    #[arg(long, env = "GATEWAY_RECEIPT_FLUSH_MS", default_value_t = 100)]
+    pub receipt_flush_ms: u64,
+    /// On SIGTERM, how long to wait for in-flight publishes before exiting.
+    #[arg(long, env = "GATEWAY_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
+    pub drain_timeout_secs: u64,
+    /// glommio io memory per executor, bytes (must fit RLIMIT_MEMLOCK across executors).
+    #[arg(long, env = "GATEWAY_IO_MEMORY", default_value_t = 512 * 1024)]
+    pub io_memory: usize,
+}
+
+impl Config {
+    pub fn load() -> anyhow::Result<(Self, Vec<u8>)> {
+        let cfg = Config::parse();
+        let secret = match &cfg.jwt_secret_file {
+            Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            None => std::env::var("JWT_SECRET").unwrap_or_default().into_bytes(),
+        };
+        let secret = trim_ascii(secret);
+        if secret.len() < 16 {
+            bail!("the token secret (JWT_SECRET or --jwt-secret-file) must be at least 16 bytes");
+        }
+        if cfg.max_body + 1024 > cfg.max_frame {
+            bail!("--max-frame must exceed --max-body by at least 1 KiB of framing");
+        }
+        Ok((cfg, secret))
+    }
+
+    pub fn cores(&self) -> usize {
+        self.cores
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .max(1)
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_timeout_secs)
+    }
+}
+
+fn trim_ascii(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        v.pop();
+    }
+    v
+}

@@ -1,0 +1,589 @@
+//! One client connection: the HTTP upgrade, then the session — hello, inbox drain, live
+//! delivery, client frames — until the client leaves, goes silent, or the gateway drains.
+
+use std::borrow::Cow;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use async_tungstenite::tungstenite::protocol::{
+    frame::coding::CloseCode, CloseFrame, Role, WebSocketConfig,
+};
+use async_tungstenite::tungstenite::{Error as WsError, Message};
+use async_tungstenite::WebSocketStream;
+use futures::stream::FuturesOrdered;
+use futures::{AsyncReadExt, AsyncWriteExt, FutureExt, SinkExt, StreamExt};
+use glommio::net::TcpStream;
+use protocol::item::InboxItem;
+use protocol::{
+    decode_client_frame, ids, render_item, subjects, ClientFrame, DeviceId, ErrorCode, ServerFrame,
+    UserId,
+};
+
+use crate::bridge::PublishFailure;
+use crate::delivery::{Delivery, Live};
+use crate::executor::ExecCtx;
+use crate::handshake::{self, Request};
+use crate::outbox::Outbox;
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Receipt bookkeeping per connection: how many sent-but-unacked chat items it remembers.
+const MAX_UNACKED_TRACKED: usize = 1024;
+
+pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
+    ctx.metrics.connections_accepted.inc();
+    let _ = stream.set_nodelay(true);
+    let timeout = Duration::from_secs(ctx.cfg.handshake_timeout_secs);
+    let head = {
+        let read = read_head(&mut stream).fuse();
+        let timer = glommio::timer::sleep(timeout).fuse();
+        futures::pin_mut!(read, timer);
+        futures::select_biased! {
+            r = read => Some(r),
+            _ = timer => None,
+        }
+    };
+    let (request, leftover) = match head {
+        Some(Ok(r)) => r,
+        Some(Err(cause)) => {
+            ctx.metrics.handshake_failed(cause);
+            if cause == "malformed_request" || cause == "head_too_large" {
+                let _ = respond(&mut stream, 400, "Bad Request", "bad request\n").await;
+            }
+            return;
+        }
+        None => {
+            ctx.metrics.handshake_failed("handshake_timeout");
+            return;
+        }
+    };
+    let upgrade = match request {
+        Request::Upgrade(up) => up,
+        Request::DevToken { user, device } => {
+            if !ctx.cfg.dev_tokens {
+                let _ = respond(&mut stream, 404, "Not Found", "not found\n").await;
+            } else if protocol::UserId::parse(&user).is_err()
+                || device
+                    .as_deref()
+                    .is_some_and(|d| DeviceId::parse(d).is_err())
+            {
+                let _ = respond(
+                    &mut stream,
+                    400,
+                    "Bad Request",
+                    "invalid user or device id\n",
+                )
+                .await;
+            } else {
+                let token = ctx.keys.mint(&user, device.as_deref(), 24 * 3600);
+                let _ = respond(&mut stream, 200, "OK", &token).await;
+            }
+            return;
+        }
+        Request::Refuse(status, reason) => {
+            ctx.metrics.handshake_failed("bad_request");
+            let _ = respond(&mut stream, status, reason, &format!("{reason}\n")).await;
+            return;
+        }
+    };
+    if ctx.draining.get() {
+        ctx.metrics.handshake_failed("draining");
+        let _ = respond(
+            &mut stream,
+            503,
+            "Service Unavailable",
+            "draining, reconnect elsewhere\n",
+        )
+        .await;
+        return;
+    }
+    let (user, device) = match handshake::authenticate(&ctx.keys, &upgrade) {
+        Ok(id) => id,
+        Err(e) => {
+            ctx.metrics.handshake_failed(e.cause());
+            let (status, reason) = e.status();
+            let _ = respond(&mut stream, status, reason, &format!("{}\n", e.cause())).await;
+            return;
+        }
+    };
+    if stream
+        .write_all(handshake::switching_protocols(&upgrade.key).as_bytes())
+        .await
+        .is_err()
+    {
+        ctx.metrics.handshake_failed("io_error");
+        return;
+    }
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(ctx.cfg.write_timeout_secs)));
+    let cfg = &ctx.cfg;
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(cfg.read_buffer)
+        .write_buffer_size(0)
+        .max_write_buffer_size(cfg.max_frame * 4)
+        .max_message_size(Some(cfg.max_frame))
+        .max_frame_size(Some(cfg.max_frame));
+    let ws =
+        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config)).await;
+
+    ctx.metrics.connections_open.inc();
+    let outbox = Rc::new(Outbox::new(ctx.cfg.send_queue));
+    ctx.register(&user, &outbox);
+    let mut session = Session {
+        ctx: ctx.clone(),
+        ws,
+        user: user.clone(),
+        device,
+        outbox: outbox.clone(),
+        delivery: Delivery::new(0, MAX_UNACKED_TRACKED),
+    };
+    let reason = session.run(upgrade.since.unwrap_or(0)).await;
+    ctx.unregister(&user, &outbox);
+    ctx.bridge.unsubscribe(user.clone(), ctx.id);
+    ctx.bridge
+        .cursor(user, session.device.clone(), session.delivery.acked(), true);
+    ctx.metrics.connections_open.dec();
+    ctx.metrics.closed(reason);
+}
+
+/// Reads the HTTP request head (bounded in size) and returns it with any bytes after it.
+async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), &'static str> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await.map_err(|_| "io_error")?;
+        if n == 0 {
+            return Err("closed_before_upgrade");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match handshake::parse_head(&buf) {
+            Ok(Some((req, len))) => return Ok((req, buf.split_off(len))),
+            Ok(None) if buf.len() >= handshake::MAX_HEAD => return Err("head_too_large"),
+            Ok(None) => {}
+            Err(_) => return Err("malformed_request"),
+        }
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    reason: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    stream
+        .write_all(handshake::plain_response(status, reason, body).as_bytes())
+        .await?;
+    stream.close().await
+}
+
+/// What woke the session loop.
+enum Wake {
+    Outbox,
+    Published(Option<(String, Result<crate::bridge::Stored, PublishFailure>)>),
+    Frame(Option<Result<Message, WsError>>),
+    Heartbeat,
+}
+
+struct Session {
+    ctx: Rc<ExecCtx>,
+    ws: Ws,
+    user: UserId,
+    device: DeviceId,
+    outbox: Rc<Outbox>,
+    delivery: Delivery,
+}
+
+/// Why a session ended, as a metrics label; the close frame (if any) was already sent.
+type Reason = &'static str;
+
+impl Session {
+    async fn run(&mut self, since: u64) -> Reason {
+        match self.start(since).await {
+            Ok(()) => {}
+            Err(reason) => return reason,
+        }
+        let hb = self.ctx.cfg.heartbeat_timeout();
+        let mut last_seen = Instant::now();
+        let mut pending = FuturesOrdered::new();
+        loop {
+            if let Some((code, reason)) = self.outbox.kicked() {
+                if code == 1001 {
+                    let _ = self.send(ServerFrame::Reconnect { reason }.to_json()).await;
+                }
+                self.close(code, reason).await;
+                return if code == 1001 {
+                    "server_draining"
+                } else {
+                    "kicked"
+                };
+            }
+            if self.outbox.take_resync() {
+                self.ctx.metrics.resyncs.inc();
+                if let Err(reason) = self.drain(false).await {
+                    return reason;
+                }
+            }
+            let can_read = pending.len() < self.ctx.cfg.max_inflight;
+            let wake = {
+                let idle = hb.saturating_sub(last_seen.elapsed());
+                let read = if can_read {
+                    self.ws.next().left_future()
+                } else {
+                    futures::future::pending().right_future()
+                };
+                futures::select_biased! {
+                    _ = self.outbox.ready().fuse() => Wake::Outbox,
+                    p = pending.next() => Wake::Published(p),
+                    f = read.fuse() => Wake::Frame(f),
+                    _ = glommio::timer::sleep(idle).fuse() => Wake::Heartbeat,
+                }
+            };
+            let step = match wake {
+                Wake::Outbox => self.deliver_live().await,
+                Wake::Published(None) => Ok(()),
+                Wake::Published(Some((id, res))) => {
+                    self.ctx.inflight.set(self.ctx.inflight.get() - 1);
+                    self.answer_publish(&id, res).await
+                }
+                Wake::Frame(None) => return "client_closed",
+                Wake::Frame(Some(Err(e))) => return self.fail(e).await,
+                Wake::Frame(Some(Ok(msg))) => {
+                    last_seen = Instant::now();
+                    self.on_message(msg, &mut pending).await
+                }
+                Wake::Heartbeat => {
+                    if last_seen.elapsed() >= hb {
+                        self.close(1001, "heartbeat timeout").await;
+                        return "heartbeat_timeout";
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(reason) = step {
+                return reason;
+            }
+        }
+    }
+
+    /// Subscribe to live copies, then drain the inbox: nothing stored after the subscription
+    /// can be missed, and what arrives both ways is deduplicated by sequence.
+    async fn start(&mut self, since: u64) -> Result<(), Reason> {
+        let ctx = self.ctx.clone();
+        if !ctx.bridge.subscribe(self.user.clone(), ctx.id).await {
+            self.close(1013, "backbone unavailable, retry later").await;
+            return Err("backbone_unavailable");
+        }
+        let cursor = match ctx
+            .bridge
+            .open_cursor(self.user.clone(), self.device.clone())
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cursor read failed");
+                self.close(1013, "backbone unavailable, retry later").await;
+                return Err("backbone_unavailable");
+            }
+        };
+        let resume = cursor.max(since);
+        self.delivery = Delivery::new(resume, MAX_UNACKED_TRACKED);
+        let hello = ServerFrame::Hello {
+            user: self.user.as_str(),
+            device: self.device.as_str(),
+            gateway: &ctx.gateway_id,
+            heartbeat_ms: ctx.cfg.heartbeat_timeout_secs * 1000,
+            max_body: ctx.cfg.max_body,
+            resume_from: resume,
+        }
+        .to_json();
+        self.send(hello).await?;
+        self.drain(true).await
+    }
+
+    /// Sends every inbox item after the last one sent, oldest first.
+    async fn drain(&mut self, announce: bool) -> Result<(), Reason> {
+        let started = Instant::now();
+        let mut count = 0u64;
+        // Live copies queued now are older than what the drain reads; drop them (a copy that
+        // arrives later is deduplicated by sequence).
+        self.outbox.take_all();
+        loop {
+            let batch = match self
+                .ctx
+                .bridge
+                .fetch(
+                    self.user.clone(),
+                    self.delivery.sent(),
+                    self.ctx.cfg.drain_batch,
+                )
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "inbox read failed");
+                    self.close(1013, "backbone unavailable, retry later").await;
+                    return Err("backbone_unavailable");
+                }
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for item in batch {
+                if item.seq <= self.delivery.sent() {
+                    continue;
+                }
+                self.feed_item(item.seq, &item.payload, "inbox").await?;
+                count += 1;
+            }
+            self.flush().await?;
+        }
+        let m = &self.ctx.metrics;
+        m.drain_items.observe(count as f64);
+        m.drain_seconds.observe(started.elapsed().as_secs_f64());
+        if announce {
+            self.send(
+                ServerFrame::Synced {
+                    seq: self.delivery.sent(),
+                }
+                .to_json(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn deliver_live(&mut self) -> Result<(), Reason> {
+        let copies = self.outbox.take_all();
+        let mut wrote = false;
+        for c in copies {
+            match self.delivery.classify_live(c.seq, c.prev) {
+                Live::Duplicate => {}
+                Live::Deliver => {
+                    self.feed_item(c.seq, &c.payload, "live").await?;
+                    wrote = true;
+                }
+                Live::Gap => {
+                    // Stop here: the drain reads this copy and the rest from the inbox.
+                    self.outbox.request_resync();
+                    break;
+                }
+            }
+        }
+        if wrote {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn feed_item(
+        &mut self,
+        seq: u64,
+        payload: &[u8],
+        path: &'static str,
+    ) -> Result<(), Reason> {
+        let head = ItemHead::parse(payload);
+        let frame = render_item(seq, payload);
+        self.ws
+            .feed(Message::Text(frame.into()))
+            .await
+            .map_err(|_| "io_error")?;
+        self.delivery
+            .mark_sent(seq, head.as_ref().and_then(|h| h.chat_sender()));
+        let m = &self.ctx.metrics;
+        m.frames_out.inc();
+        m.delivered(path);
+        if let Some(ts) = head.and_then(|h| h.ts) {
+            m.send_to_deliver_seconds
+                .observe(protocol::now_ms().saturating_sub(ts) as f64 / 1000.0);
+        }
+        Ok(())
+    }
+
+    async fn on_message(
+        &mut self,
+        msg: Message,
+        pending: &mut FuturesOrdered<
+            futures::future::LocalBoxFuture<
+                'static,
+                (String, Result<crate::bridge::Stored, PublishFailure>),
+            >,
+        >,
+    ) -> Result<(), Reason> {
+        self.ctx.metrics.frames_in.inc();
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                return self
+                    .error(
+                        ErrorCode::BinaryUnsupported,
+                        "binary frames are not supported; send JSON text frames",
+                        None,
+                    )
+                    .await;
+            }
+            // tungstenite answers pings itself; pongs and raw frames need nothing.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return self.flush().await,
+            Message::Close(_) => return Err("client_closed"),
+        };
+        let frame = match decode_client_frame(text.as_bytes(), &self.ctx.limits) {
+            Ok(f) => f,
+            Err(e) => return self.error(e.code, &e.msg, e.id.as_deref()).await,
+        };
+        match frame {
+            ClientFrame::Ping => self.send(ServerFrame::Pong.to_json()).await,
+            ClientFrame::Ack { seq } => {
+                self.ctx.metrics.acks.inc();
+                if let Some(acked) = self.delivery.ack(seq) {
+                    let b = &self.ctx.bridge;
+                    b.cursor(self.user.clone(), self.device.clone(), acked.cursor, false);
+                    for (sender, up_to) in acked.receipts {
+                        b.receipt(self.user.clone(), sender, up_to);
+                    }
+                }
+                Ok(())
+            }
+            ClientFrame::Send { id, to, body } => {
+                let item = InboxItem::Chat {
+                    from: self.user.to_string(),
+                    dev: self.device.to_string(),
+                    id: id.to_string(),
+                    body,
+                    ts: protocol::now_ms(),
+                };
+                let msg_id = ids::direct_msg_dedup_id(&self.user, &self.device, &id);
+                let bridge = self.ctx.bridge.clone();
+                let subject = subjects::inbox(&to);
+                let payload = item.to_bytes().into();
+                self.ctx.inflight.set(self.ctx.inflight.get() + 1);
+                // Publishes are issued in order through one NATS connection, so a sender's
+                // messages are stored in the order sent; the `sent` answers go back in order.
+                pending.push_back(
+                    async move {
+                        let res = bridge.publish(subject, msg_id, payload).await;
+                        (id.to_string(), res)
+                    }
+                    .boxed_local(),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    async fn answer_publish(
+        &mut self,
+        id: &str,
+        res: Result<crate::bridge::Stored, PublishFailure>,
+    ) -> Result<(), Reason> {
+        match res {
+            Ok(stored) => {
+                let f = ServerFrame::Sent {
+                    id,
+                    sid: stored.seq,
+                    ts: protocol::now_ms(),
+                    dup: stored.duplicate,
+                };
+                self.send(f.to_json()).await
+            }
+            Err(PublishFailure::Unavailable) => {
+                self.error(
+                    ErrorCode::Unavailable,
+                    "not confirmed by storage; retry with the same id",
+                    Some(id),
+                )
+                .await
+            }
+            Err(PublishFailure::Internal) => {
+                self.error(
+                    ErrorCode::Internal,
+                    "store failed; retry with the same id",
+                    Some(id),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn error(&mut self, code: ErrorCode, msg: &str, id: Option<&str>) -> Result<(), Reason> {
+        let label = serde_json::to_value(code)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        self.ctx.metrics.frame_error(code_label(&label));
+        self.send(ServerFrame::Error { code, msg, id }.to_json())
+            .await
+    }
+
+    async fn send(&mut self, text: String) -> Result<(), Reason> {
+        self.ctx.metrics.frames_out.inc();
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|_| "io_error")
+    }
+
+    async fn flush(&mut self) -> Result<(), Reason> {
+        self.ws.flush().await.map_err(|_| "io_error")
+    }
+
+    async fn close(&mut self, code: u16, reason: &'static str) {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        let _ = self.ws.close(Some(frame)).await;
+    }
+
+    async fn fail(&mut self, e: WsError) -> Reason {
+        match e {
+            WsError::Capacity(_) => {
+                self.close(1009, "frame or message too large").await;
+                "too_large"
+            }
+            WsError::Utf8(_) => {
+                self.close(1007, "invalid UTF-8").await;
+                "protocol_error"
+            }
+            WsError::Protocol(_) => {
+                self.close(1002, "protocol error").await;
+                "protocol_error"
+            }
+            WsError::ConnectionClosed | WsError::AlreadyClosed => "client_closed",
+            _ => "io_error",
+        }
+    }
+}
+
+fn code_label(s: &str) -> &'static str {
+    match s {
+        "bad_json" => "bad_json",
+        "unknown_type" => "unknown_type",
+        "missing_field" => "missing_field",
+        "bad_field" => "bad_field",
+        "too_large" => "too_large",
+        "binary_unsupported" => "binary_unsupported",
+        "rate_limited" => "rate_limited",
+        "unavailable" => "unavailable",
+        _ => "internal",
+    }
+}
+
+/// The fields of a stored item the gateway needs: its kind, its sender and its timestamp.
+#[derive(serde::Deserialize)]
+struct ItemHead<'a> {
+    #[serde(borrow)]
+    k: Cow<'a, str>,
+    #[serde(borrow, default)]
+    from: Option<Cow<'a, str>>,
+    #[serde(default)]
+    ts: Option<u64>,
+}
+
+impl<'a> ItemHead<'a> {
+    fn parse(b: &'a [u8]) -> Option<Self> {
+        serde_json::from_slice(b).ok()
+    }
+
+    fn chat_sender(&self) -> Option<&str> {
+        (self.k == "chat").then_some(self.from.as_deref()).flatten()
+    }
+}

@@ -1,0 +1,161 @@
+//! Per-connection delivery bookkeeping, sans I/O: which inbox items the client has been sent and
+//! has acknowledged, whether a live copy is new, a repeat, or proof that something was missed,
+//! and which delivery receipts an acknowledgement produces.
+//!
+//! Every live copy carries its inbox sequence and the sequence of the previous item stored for
+//! the same user (JetStream's `Nats-Last-Sequence` on republished messages). If that previous
+//! item is newer than anything this connection sent, the live path dropped something (a slow
+//! consumer, a NATS reconnect, a full queue) and the connection resyncs from the inbox.
+
+use std::collections::VecDeque;
+
+/// What to do with a live copy.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Live {
+    /// Send it.
+    Deliver,
+    /// Already sent (the inbox drain got it first); drop it.
+    Duplicate,
+    /// Something before it was missed: drain the inbox from the last sent sequence.
+    Gap,
+}
+
+/// What an acknowledgement changed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Acked {
+    /// The device's new cursor.
+    pub cursor: u64,
+    /// Delivery receipts to send: (sender, highest acknowledged sid of theirs).
+    pub receipts: Vec<(String, u64)>,
+}
+
+#[derive(Debug)]
+pub struct Delivery {
+    sent: u64,
+    acked: u64,
+    /// Chat items sent but not acknowledged: (seq, sender). Bounded; receipts are cumulative per
+    /// conversation, so forgetting the oldest only delays a tick until a later message of the
+    /// same sender is acknowledged.
+    unacked: VecDeque<(u64, String)>,
+    max_unacked: usize,
+}
+
+impl Delivery {
+    /// Starts after `resume_from`: the client holds every item up to it.
+    pub fn new(resume_from: u64, max_unacked: usize) -> Self {
+        Delivery {
+            sent: resume_from,
+            acked: resume_from,
+            unacked: VecDeque::new(),
+            max_unacked,
+        }
+    }
+
+    /// Highest sequence sent to the client.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Classifies a live copy with sequence `seq` whose predecessor for this user is `prev`
+    /// (0 when unknown or deleted).
+    pub fn classify_live(&self, seq: u64, prev: u64) -> Live {
+        if seq <= self.sent {
+            Live::Duplicate
+        } else if prev > self.sent {
+            Live::Gap
+        } else {
+            Live::Deliver
+        }
+    }
+
+    /// Records that item `seq` was sent; `sender` is set for chat items, which earn a receipt.
+    pub fn mark_sent(&mut self, seq: u64, sender: Option<&str>) {
+        debug_assert!(seq > self.sent, "items are sent in sequence order");
+        self.sent = seq;
+        if let Some(s) = sender {
+            if self.unacked.len() == self.max_unacked {
+                self.unacked.pop_front();
+            }
+            self.unacked.push_back((seq, s.to_owned()));
+        }
+    }
+
+    /// Applies a cumulative ack. An ack beyond what was sent is clamped (a client cannot make the
+    /// server forget items it never received); one at or below the cursor changes nothing.
+    pub fn ack(&mut self, seq: u64) -> Option<Acked> {
+        let seq = seq.min(self.sent);
+        if seq <= self.acked {
+            return None;
+        }
+        self.acked = seq;
+        let mut receipts: Vec<(String, u64)> = Vec::new();
+        while self.unacked.front().is_some_and(|(s, _)| *s <= seq) {
+            let (s, sender) = self.unacked.pop_front().expect("front exists");
+            match receipts.iter_mut().find(|(who, _)| *who == sender) {
+                Some(r) => r.1 = r.1.max(s),
+                None => receipts.push((sender, s)),
+            }
+        }
+        Some(Acked {
+            cursor: seq,
+            receipts,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_copies_after_a_drain_are_deduplicated() {
+        let mut d = Delivery::new(0, 8);
+        d.mark_sent(3, Some("a"));
+        d.mark_sent(5, Some("a"));
+        assert_eq!(d.classify_live(5, 3), Live::Duplicate);
+        assert_eq!(d.classify_live(4, 0), Live::Duplicate);
+        assert_eq!(d.classify_live(9, 5), Live::Deliver);
+        assert_eq!(d.classify_live(9, 0), Live::Deliver);
+        assert_eq!(d.classify_live(9, 7), Live::Gap);
+    }
+
+    #[test]
+    fn acks_are_cumulative_clamped_and_produce_one_receipt_per_sender() {
+        let mut d = Delivery::new(10, 8);
+        d.mark_sent(11, Some("a"));
+        d.mark_sent(12, Some("b"));
+        d.mark_sent(13, None);
+        d.mark_sent(14, Some("a"));
+        assert_eq!(d.ack(9), None);
+        let got = d.ack(100).unwrap();
+        assert_eq!(got.cursor, 14);
+        assert_eq!(
+            got.receipts,
+            vec![("a".to_owned(), 14), ("b".to_owned(), 12)]
+        );
+        assert_eq!(d.ack(14), None);
+    }
+
+    #[test]
+    fn partial_ack_keeps_the_rest() {
+        let mut d = Delivery::new(0, 8);
+        d.mark_sent(1, Some("a"));
+        d.mark_sent(2, Some("a"));
+        assert_eq!(d.ack(1).unwrap().receipts, vec![("a".to_owned(), 1)]);
+        assert_eq!(d.ack(2).unwrap().receipts, vec![("a".to_owned(), 2)]);
+    }
+
+    #[test]
+    fn tracking_is_bounded() {
+        let mut d = Delivery::new(0, 2);
+        for s in 1..=5 {
+            d.mark_sent(s, Some(if s == 1 { "old" } else { "new" }));
+        }
+        let got = d.ack(5).unwrap();
+        assert_eq!(got.receipts, vec![("new".to_owned(), 5)]);
+    }
+}

@@ -1,0 +1,190 @@
+//! One glommio executor per core: its own SO_REUSEPORT listener, its connections, and the
+//! dispatch of live copies from the bridge to the connections of the users it holds.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fxhash::FxHashMap;
+use glommio::net::TcpListener;
+use glommio::{Latency, Shares, TaskQueueHandle};
+use protocol::{TokenKeys, UserId};
+
+use crate::bridge::{Bridge, ExecEvent};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::outbox::{LiveCopy, Outbox};
+
+/// What every connection task of one executor shares.
+pub struct ExecCtx {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    pub keys: Arc<TokenKeys>,
+    pub bridge: Bridge,
+    pub metrics: Arc<Metrics>,
+    pub gateway_id: Arc<str>,
+    pub limits: protocol::Limits,
+    /// Connections by user, for live dispatch.
+    sessions: RefCell<FxHashMap<UserId, Vec<Rc<Outbox>>>>,
+    /// Set while the gateway drains: no new sessions.
+    pub draining: Cell<bool>,
+    /// Sends awaiting JetStream's ack, across this executor (drain waits for them).
+    pub inflight: Cell<usize>,
+}
+
+impl ExecCtx {
+    pub fn register(&self, user: &UserId, outbox: &Rc<Outbox>) {
+        self.sessions
+            .borrow_mut()
+            .entry(user.clone())
+            .or_default()
+            .push(outbox.clone());
+    }
+
+    pub fn unregister(&self, user: &UserId, outbox: &Rc<Outbox>) {
+        let mut sessions = self.sessions.borrow_mut();
+        if let Some(list) = sessions.get_mut(user) {
+            list.retain(|o| !Rc::ptr_eq(o, outbox));
+            if list.is_empty() {
+                sessions.remove(user);
+            }
+        }
+    }
+
+    fn dispatch(&self, ev: ExecEvent) {
+        match ev {
+            ExecEvent::Live {
+                user,
+                seq,
+                prev,
+                payload,
+            } => {
+                if let Some(list) = self.sessions.borrow().get(&user) {
+                    for o in list {
+                        o.push(LiveCopy {
+                            seq,
+                            prev,
+                            payload: payload.clone(),
+                        });
+                    }
+                }
+            }
+            ExecEvent::ResyncAll => {
+                for o in self.sessions.borrow().values().flatten() {
+                    o.request_resync();
+                }
+            }
+            ExecEvent::Drain => {
+                self.draining.set(true);
+                for o in self.sessions.borrow().values().flatten() {
+                    o.kick(1001, "server draining");
+                }
+            }
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.borrow().values().map(Vec::len).sum()
+    }
+}
+
+/// Runs one executor until the gateway drains and its connections are gone.
+pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>) {
+    // Tasks that are woken from the bridge thread must sit in a latency-sensitive queue: a
+    // cross-thread wake-up into a NotImportant queue can take tens of milliseconds.
+    let tq: TaskQueueHandle = glommio::executor().create_task_queue(
+        Shares::default(),
+        Latency::Matters(Duration::from_millis(1)),
+        "conn",
+    );
+
+    let dispatcher = {
+        let ctx = ctx.clone();
+        glommio::spawn_local_into(
+            async move {
+                while let Ok(ev) = events.recv_async().await {
+                    ctx.dispatch(ev);
+                }
+            },
+            tq,
+        )
+        .expect("spawning the dispatcher")
+        .detach()
+    };
+    let _ = dispatcher;
+
+    let listener = match TcpListener::bind(ctx.cfg.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, addr = %ctx.cfg.listen, "cannot listen");
+            std::process::exit(1);
+        }
+    };
+    tracing::info!(executor = ctx.id, addr = %ctx.cfg.listen, "listening");
+    loop {
+        let accepted =
+            futures::future::select(Box::pin(listener.accept()), Box::pin(wait_draining(&ctx)))
+                .await;
+        match accepted {
+            futures::future::Either::Left((Ok(stream), _)) => {
+                let ctx = ctx.clone();
+                match glommio::spawn_local_into(crate::conn::handle(ctx, stream), tq) {
+                    Ok(task) => {
+                        task.detach();
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot spawn connection task"),
+                }
+            }
+            futures::future::Either::Left((Err(e), _)) => {
+                // Out of descriptors or a connection reset before accept: keep serving, but
+                // back off briefly so an fd exhaustion does not spin.
+                tracing::warn!(error = %e, "accept failed");
+                ctx.metrics.handshake_failed("accept_error");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+            futures::future::Either::Right(_) => break,
+        }
+    }
+    drop(listener);
+    // Wait for the connections to go (they were kicked) and for in-flight sends to be acked.
+    let deadline = std::time::Instant::now() + Duration::from_secs(ctx.cfg.drain_timeout_secs);
+    while (ctx.session_count() > 0 || ctx.inflight.get() > 0)
+        && std::time::Instant::now() < deadline
+    {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_draining(ctx: &ExecCtx) {
+    while !ctx.draining.get() {
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl ExecCtx {
+    pub fn new(
+        id: usize,
+        cfg: Arc<Config>,
+        keys: Arc<TokenKeys>,
+        bridge: Bridge,
+        metrics: Arc<Metrics>,
+        gateway_id: Arc<str>,
+    ) -> Self {
+        let limits = protocol::Limits {
+            max_body: cfg.max_body,
+        };
+        ExecCtx {
+            id,
+            cfg,
+            keys,
+            bridge,
+            metrics,
+            gateway_id,
+            limits,
+            sessions: RefCell::new(FxHashMap::default()),
+            draining: Cell::new(false),
+            inflight: Cell::new(0),
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The gateway's Prometheus metrics. Counters are shared atomics (cheap at two to a few dozen
+//! cores); process memory is read from /proc when scraped, so memory per connection is
+//! `gateway_resident_memory_bytes / gateway_connections_open`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+type Labels = [(&'static str, &'static str); 1];
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections_open: Gauge,
+    pub connections_accepted: Counter,
+    connections_closed: Family<Labels, Counter>,
+    handshake_failures: Family<Labels, Counter>,
+    pub frames_in: Counter,
+    pub frames_out: Counter,
+    pub frame_errors: Family<Labels, Counter>,
+    pub messages_published: Counter,
+    pub messages_duplicate: Counter,
+    pub publish_errors: Counter,
+    pub publish_ack_seconds: Histogram,
+    items_delivered: Family<Labels, Counter>,
+    pub send_to_deliver_seconds: Histogram,
+    pub acks: Counter,
+    pub receipts_published: Counter,
+    pub cursor_writes: Counter,
+    pub drain_items: Histogram,
+    pub drain_seconds: Histogram,
+    pub resyncs: Counter,
+    pub nats_reconnects: Counter,
+    pub nats_slow_consumers: Counter,
+    pub live_subscriptions: Gauge,
+    resident: Gauge,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    // 50 µs .. ~3.3 s
+    exponential_buckets(0.00005, 2.0, 17)
+}
+
+impl Metrics {
+    pub fn new(gateway_id: &str) -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            connections_open: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_closed: Family::default(),
+            handshake_failures: Family::default(),
+            frames_in: Counter::default(),
+            frames_out: Counter::default(),
+            frame_errors: Family::default(),
+            messages_published: Counter::default(),
+            messages_duplicate: Counter::default(),
+            publish_errors: Counter::default(),
+            publish_ack_seconds: Histogram::new(latency_buckets()),
+            items_delivered: Family::default(),
+            send_to_deliver_seconds: Histogram::new(latency_buckets()),
+            acks: Counter::default(),
+            receipts_published: Counter::default(),
+            cursor_writes: Counter::default(),
+            drain_items: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            drain_seconds: Histogram::new(latency_buckets()),
+            resyncs: Counter::default(),
+            nats_reconnects: Counter::default(),
+            nats_slow_consumers: Counter::default(),
+            live_subscriptions: Gauge::default(),
+            resident: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "gateway_connections_open",
+            "Open WebSocket connections",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "gateway_connections_accepted",
+            "Accepted TCP connections",
+            m.connections_accepted.clone(),
+        );
+        r.register(
+            "gateway_connections_closed",
+            "Closed connections by reason",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "gateway_handshake_failures",
+            "Refused or failed handshakes by cause",
+            m.handshake_failures.clone(),
+        );
+        r.register(
+            "gateway_frames_in",
+            "Frames received from clients",
+            m.frames_in.clone(),
+        );
+        r.register(
+            "gateway_frames_out",
+            "Frames sent to clients",
+            m.frames_out.clone(),
+        );
+        r.register(
+            "gateway_frame_errors",
+            "Client frames answered with an error, by code",
+            m.frame_errors.clone(),
+        );
+        r.register(
+            "gateway_messages_published",
+            "Messages stored in JetStream for clients",
+            m.messages_published.clone(),
+        );
+        r.register(
+            "gateway_messages_duplicate",
+            "Sends that were retries of stored messages",
+            m.messages_duplicate.clone(),
+        );
+        r.register(
+            "gateway_publish_errors",
+            "Publishes JetStream did not acknowledge",
+            m.publish_errors.clone(),
+        );
+        r.register_with_unit(
+            "gateway_publish_ack",
+            "Time from publish to JetStream's PubAck",
+            Unit::Seconds,
+            m.publish_ack_seconds.clone(),
+        );
+        r.register(
+            "gateway_items_delivered",
+            "Inbox items written to clients, by path (live or inbox)",
+            m.items_delivered.clone(),
+        );
+        r.register_with_unit(
+            "gateway_send_to_deliver",
+            "Time from the sender's gateway accepting a message to its delivery here",
+            Unit::Seconds,
+            m.send_to_deliver_seconds.clone(),
+        );
+        r.register("gateway_acks", "Delivery acks received", m.acks.clone());
+        r.register(
+            "gateway_receipts_published",
+            "Delivery receipts stored for senders",
+            m.receipts_published.clone(),
+        );
+        r.register(
+            "gateway_cursor_writes",
+            "Device cursor writes to the KV bucket",
+            m.cursor_writes.clone(),
+        );
+        r.register(
+            "gateway_inbox_drain_items",
+            "Items sent per inbox drain",
+            m.drain_items.clone(),
+        );
+        r.register_with_unit(
+            "gateway_inbox_drain",
+            "Duration of inbox drains",
+            Unit::Seconds,
+            m.drain_seconds.clone(),
+        );
+        r.register(
+            "gateway_resyncs",
+            "Connections resynced from the inbox after a gap in the live path",
+            m.resyncs.clone(),
+        );
+        r.register(
+            "gateway_nats_reconnects",
+            "Reconnections to NATS",
+            m.nats_reconnects.clone(),
+        );
+        r.register(
+            "gateway_nats_slow_consumers",
+            "Slow consumer events from NATS",
+            m.nats_slow_consumers.clone(),
+        );
+        r.register(
+            "gateway_live_subscriptions",
+            "Live NATS subscriptions (one per connected user)",
+            m.live_subscriptions.clone(),
+        );
+        r.register_with_unit(
+            "gateway_resident_memory",
+            "Resident set size of the process",
+            Unit::Bytes,
+            m.resident.clone(),
+        );
+        let info =
+            prometheus_client::metrics::info::Info::new([("gateway_id", gateway_id.to_owned())]);
+        r.register("gateway_build", "Gateway identity", info);
+        Metrics { registry, ..m }
+    }
+
+    pub fn closed(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn handshake_failed(&self, cause: &'static str) {
+        self.handshake_failures
+            .get_or_create(&[("cause", cause)])
+            .inc();
+    }
+
+    pub fn frame_error(&self, code: &'static str) {
+        self.frame_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    pub fn delivered(&self, path: &'static str) {
+        self.items_delivered.get_or_create(&[("path", path)]).inc();
+    }
+
+    pub fn render(&self) -> String {
+        self.resident.set(resident_bytes() as i64);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Resident set size from /proc/self/statm (pages × page size).
+pub fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    pages * page
+}
