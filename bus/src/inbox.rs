@@ -24,10 +24,7 @@ pub async fn fetch_after(
     max: usize,
 ) -> anyhow::Result<Vec<StoredItem>> {
     let reply = client.new_inbox();
-    let mut sub = client
-        .subscribe(reply.clone())
-        .await
-        .context("subscribing for inbox batch")?;
+    let mut sub = client.subscribe(reply.clone()).await.context("subscribing for inbox batch")?;
     let req = serde_json::json!({
         "seq": after + 1,
         "next_by_subj": subjects::inbox(user),
@@ -59,10 +56,7 @@ pub async fn fetch_after(
             .and_then(|h| h.get("Nats-Sequence"))
             .and_then(|v| v.as_str().parse().ok())
             .ok_or_else(|| anyhow!("inbox batch reply without Nats-Sequence"))?;
-        out.push(StoredItem {
-            seq,
-            payload: msg.payload,
-        });
+        out.push(StoredItem { seq, payload: msg.payload });
         if out.len() >= max {
             break;
         }

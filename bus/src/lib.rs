@@ -14,11 +14,7 @@ pub use streams::{provision, wait_ready, StreamSettings};
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsArgs {
     /// NATS server URL(s); several, comma-separated, for a cluster.
-    #[arg(
-        long = "nats-url",
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
+    #[arg(long = "nats-url", env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub url: String,
     /// A NATS credentials file (never pass secrets on the command line).
     #[arg(long = "nats-creds", env = "NATS_CREDS")]
@@ -27,10 +23,7 @@ pub struct NatsArgs {
 
 impl NatsArgs {
     pub fn new(url: impl Into<String>) -> Self {
-        NatsArgs {
-            url: url.into(),
-            creds: None,
-        }
+        NatsArgs { url: url.into(), creds: None }
     }
 }
 
@@ -58,16 +51,9 @@ pub async fn connect(
             }
         });
     if let Some(creds) = &args.creds {
-        opts = opts
-            .credentials_file(creds)
-            .await
-            .context("reading NATS credentials")?;
+        opts = opts.credentials_file(creds).await.context("reading NATS credentials")?;
     }
-    let urls: Vec<async_nats::ServerAddr> = args
-        .url
-        .split(',')
-        .map(|u| u.trim().parse())
-        .collect::<Result<_, _>>()
-        .context("parsing NATS URL")?;
+    let urls: Vec<async_nats::ServerAddr> =
+        args.url.split(',').map(|u| u.trim().parse()).collect::<Result<_, _>>().context("parsing NATS URL")?;
     opts.connect(urls).await.context("connecting to NATS")
 }

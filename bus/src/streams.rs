@@ -18,6 +18,10 @@ pub struct StreamSettings {
     pub inbox_max_age: Duration,
     /// How long a device that stopped acknowledging keeps holding messages in its user's inbox.
     pub cursor_max_age: Duration,
+    /// How long group stream entries are kept after fan-out (for replays and investigation).
+    pub group_max_age: Duration,
+    /// How long group receipt events are kept (storage rebuilds its aggregates from them).
+    pub receipts_max_age: Duration,
 }
 
 impl Default for StreamSettings {
@@ -27,6 +31,8 @@ impl Default for StreamSettings {
             duplicate_window: Duration::from_secs(120),
             inbox_max_age: Duration::from_secs(30 * 24 * 3600),
             cursor_max_age: Duration::from_secs(30 * 24 * 3600),
+            group_max_age: Duration::from_secs(24 * 3600),
+            receipts_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -69,12 +75,8 @@ pub fn cursors_bucket(s: &StreamSettings) -> kv::Config {
 
 /// Creates the streams and buckets, or updates them to the configured settings.
 pub async fn provision(js: &jetstream::Context, s: &StreamSettings) -> anyhow::Result<()> {
-    js.create_or_update_stream(inbox_stream(s))
-        .await
-        .context("provisioning INBOX stream")?;
-    js.create_or_update_key_value(cursors_bucket(s))
-        .await
-        .context("provisioning cursors bucket")?;
+    js.create_or_update_stream(inbox_stream(s)).await.context("provisioning INBOX stream")?;
+    js.create_or_update_key_value(cursors_bucket(s)).await.context("provisioning cursors bucket")?;
     Ok(())
 }
 
@@ -82,21 +84,24 @@ pub async fn provision(js: &jetstream::Context, s: &StreamSettings) -> anyhow::R
 pub async fn wait_ready(js: &jetstream::Context) -> anyhow::Result<()> {
     let mut logged = false;
     loop {
-        let inbox = js.get_stream(subjects::INBOX_STREAM).await;
-        let cursors = js.get_key_value(subjects::CURSORS_BUCKET).await;
-        match (inbox, cursors) {
-            (Ok(_), Ok(_)) => return Ok(()),
-            (i, c) => {
-                if !logged {
-                    tracing::info!(
-                        inbox = i.is_ok(),
-                        cursors = c.is_ok(),
-                        "waiting for storage to provision the streams"
-                    );
-                    logged = true;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut missing = Vec::new();
+        for stream in [subjects::INBOX_STREAM, subjects::GROUPS_STREAM, subjects::RECEIPTS_STREAM] {
+            if js.get_stream(stream).await.is_err() {
+                missing.push(stream);
             }
         }
+        for bucket in [subjects::CURSORS_BUCKET, subjects::GROUPS_BUCKET, subjects::MEMBERSHIPS_BUCKET] {
+            if js.get_key_value(bucket).await.is_err() {
+                missing.push(bucket);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if !logged {
+            tracing::info!(?missing, "waiting for storage to provision the streams");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

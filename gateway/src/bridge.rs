@@ -22,8 +22,9 @@ use futures::channel::oneshot;
 use futures::stream::{AbortHandle, Abortable, SelectAll};
 use futures::StreamExt;
 use fxhash::FxHashMap;
+use protocol::groups::{GroupReply, GroupRequest, GroupState, ReceiptEvent, WhoReadReply, WhoReadRequest};
 use protocol::item::{InboxItem, ReceiptStatus};
-use protocol::{ids, subjects, DeviceId, UserId};
+use protocol::{ids, subjects, DeviceId, GroupId, UserId};
 
 use crate::metrics::Metrics;
 
@@ -49,7 +50,19 @@ pub enum PublishFailure {
     /// stored, and a retry with the same id is safe.
     Unavailable,
     Internal,
+    /// The group does not exist.
+    NotFound,
+    /// The sender is not a member of the group.
+    Forbidden,
 }
+
+/// How long a group's membership, read from KV `groups`, is trusted for checking sends. Changes
+/// made through this gateway apply at once; others within this time. The router re-checks
+/// every post at its exact position in the group timeline, so a stale cache cannot make a
+/// non-member's message reach anyone.
+const GROUP_CACHE_TTL: Duration = Duration::from_secs(2);
+/// Groups whose membership a gateway keeps in memory.
+const GROUP_CACHE_MAX: usize = 100_000;
 
 pub enum Command {
     Publish {
@@ -89,11 +102,43 @@ pub enum Command {
         seq: u64,
         now: bool,
     },
-    /// `by` has received every message of `to`'s up to sid `up_to`.
+    /// `by` has received (or read) every message of `to`'s up to sid `up_to`.
     Receipt {
         by: UserId,
         to: String,
+        status: ReceiptStatus,
         up_to: u64,
+    },
+    /// `by` has received (or read) every message of `group` up to group sid `up_to`.
+    GroupReceipt {
+        by: UserId,
+        group: String,
+        status: ReceiptStatus,
+        up_to: u64,
+    },
+    /// Publish a group post after checking that the sender is a member.
+    GroupPublish {
+        group: GroupId,
+        sender: UserId,
+        msg_id: String,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<Stored, PublishFailure>>,
+    },
+    /// Is `user` a member of `group`?
+    GroupCheck {
+        group: GroupId,
+        user: UserId,
+        reply: oneshot::Sender<Result<(), PublishFailure>>,
+    },
+    /// A membership operation, served by the router.
+    GroupOp {
+        req: GroupRequest,
+        reply: oneshot::Sender<Result<GroupReply, PublishFailure>>,
+    },
+    /// Who received and read a group message, served by storage.
+    WhoRead {
+        req: WhoReadRequest,
+        reply: oneshot::Sender<Result<WhoReadReply, PublishFailure>>,
     },
     /// Tell every executor to drain.
     Drain,
@@ -126,22 +171,6 @@ impl Bridge {
         let _ = self.tx.send(cmd);
     }
 
-    pub async fn publish(
-        &self,
-        subject: String,
-        msg_id: String,
-        payload: Bytes,
-    ) -> Result<Stored, PublishFailure> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Publish {
-            subject,
-            msg_id,
-            payload,
-            reply,
-        });
-        rx.await.unwrap_or(Err(PublishFailure::Unavailable))
-    }
-
     pub async fn subscribe(&self, user: UserId, exec: usize) -> bool {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Subscribe { user, exec, reply });
@@ -152,43 +181,71 @@ impl Bridge {
         self.send(Command::Unsubscribe { user, exec });
     }
 
-    pub async fn fetch(
-        &self,
-        user: UserId,
-        after: u64,
-        max: usize,
-    ) -> anyhow::Result<Vec<bus::inbox::StoredItem>> {
+    pub async fn fetch(&self, user: UserId, after: u64, max: usize) -> anyhow::Result<Vec<bus::inbox::StoredItem>> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Fetch {
-            user,
-            after,
-            max,
-            reply,
-        });
+        self.send(Command::Fetch { user, after, max, reply });
         rx.await.context("bridge gone")?
     }
 
     pub async fn open_cursor(&self, user: UserId, device: DeviceId) -> anyhow::Result<u64> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::OpenCursor {
-            user,
-            device,
-            reply,
-        });
+        self.send(Command::OpenCursor { user, device, reply });
         rx.await.context("bridge gone")?
     }
 
     pub fn cursor(&self, user: UserId, device: DeviceId, seq: u64, now: bool) {
-        self.send(Command::Cursor {
-            user,
-            device,
-            seq,
-            now,
-        });
+        self.send(Command::Cursor { user, device, seq, now });
     }
 
-    pub fn receipt(&self, by: UserId, to: String, up_to: u64) {
-        self.send(Command::Receipt { by, to, up_to });
+    pub fn receipt(&self, by: UserId, to: String, status: ReceiptStatus, up_to: u64) {
+        self.send(Command::Receipt { by, to, status, up_to });
+    }
+
+    pub fn group_receipt(&self, by: UserId, group: String, status: ReceiptStatus, up_to: u64) {
+        self.send(Command::GroupReceipt { by, group, status, up_to });
+    }
+
+    /// Queues a publish; the returned receiver answers with the PubAck. Commands are taken in
+    /// the order they are sent, which keeps a connection's messages in order.
+    pub fn publish_cmd(
+        &self,
+        subject: String,
+        msg_id: String,
+        payload: Bytes,
+    ) -> oneshot::Receiver<Result<Stored, PublishFailure>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Publish { subject, msg_id, payload, reply });
+        rx
+    }
+
+    pub fn group_publish_cmd(
+        &self,
+        group: GroupId,
+        sender: UserId,
+        msg_id: String,
+        payload: Bytes,
+    ) -> oneshot::Receiver<Result<Stored, PublishFailure>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::GroupPublish { group, sender, msg_id, payload, reply });
+        rx
+    }
+
+    pub async fn group_check(&self, group: GroupId, user: UserId) -> Result<(), PublishFailure> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::GroupCheck { group, user, reply });
+        rx.await.unwrap_or(Err(PublishFailure::Unavailable))
+    }
+
+    pub async fn group_op(&self, req: GroupRequest) -> Result<GroupReply, PublishFailure> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::GroupOp { req, reply });
+        rx.await.unwrap_or(Err(PublishFailure::Unavailable))
+    }
+
+    pub async fn who_read(&self, req: WhoReadRequest) -> Result<WhoReadReply, PublishFailure> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::WhoRead { req, reply });
+        rx.await.unwrap_or(Err(PublishFailure::Unavailable))
     }
 }
 
@@ -199,33 +256,24 @@ pub fn start(
     metrics: Arc<Metrics>,
     health: Arc<telemetry::Health>,
     metrics_addr: std::net::SocketAddr,
-) -> anyhow::Result<(
-    Bridge,
-    Vec<flume::Receiver<ExecEvent>>,
-    std::thread::JoinHandle<()>,
-)> {
+) -> anyhow::Result<(Bridge, Vec<flume::Receiver<ExecEvent>>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = flume::unbounded();
     let (exec_tx, exec_rx): (Vec<_>, Vec<_>) = (0..executors).map(|_| flume::unbounded()).unzip();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let handle = std::thread::Builder::new()
-        .name("nats-bridge".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let render_metrics = metrics.clone();
-                let render: Arc<dyn Fn() -> String + Send + Sync> =
-                    Arc::new(move || render_metrics.render());
-                if let Err(e) = telemetry::spawn(metrics_addr, render, health.clone()).await {
-                    tracing::error!(error = %e, "metrics endpoint failed to start");
-                    std::process::exit(1);
-                }
-                if let Err(e) = run(cfg, rx, exec_tx, metrics, health).await {
-                    tracing::error!(error = %format!("{e:#}"), "bridge failed");
-                    std::process::exit(1);
-                }
-            })
-        })?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let handle = std::thread::Builder::new().name("nats-bridge".into()).spawn(move || {
+        rt.block_on(async move {
+            let render_metrics = metrics.clone();
+            let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || render_metrics.render());
+            if let Err(e) = telemetry::spawn(metrics_addr, render, health.clone()).await {
+                tracing::error!(error = %e, "metrics endpoint failed to start");
+                std::process::exit(1);
+            }
+            if let Err(e) = run(cfg, rx, exec_tx, metrics, health).await {
+                tracing::error!(error = %format!("{e:#}"), "bridge failed");
+                std::process::exit(1);
+            }
+        })
+    })?;
     Ok((Bridge { tx }, exec_rx, handle))
 }
 
@@ -239,17 +287,40 @@ struct Interest {
 }
 
 type LiveStream = Abortable<
-    futures::stream::Map<
-        async_nats::Subscriber,
-        Box<dyn FnMut(async_nats::Message) -> (UserId, async_nats::Message)>,
-    >,
+    futures::stream::Map<async_nats::Subscriber, Box<dyn FnMut(async_nats::Message) -> (UserId, async_nats::Message)>>,
 >;
 
 enum Internal {
     /// The server has the subscription for this user (or failed to: then `ok` is false).
     Subscribed(UserId, bool),
     /// A receipt publish failed; retry it at the next flush.
-    RetryReceipt((UserId, String), u64),
+    RetryReceipt(ReceiptKey, u64),
+    /// A group's state was read from KV (None: no such group; Err: unavailable).
+    GroupLoaded(String, Result<Option<GroupState>, ()>),
+    /// A membership operation changed a group: trust the new state at once.
+    GroupChanged(GroupState),
+}
+
+/// A pending receipt: (reader, conversation partner or group, status, is it a group).
+type ReceiptKey = (UserId, String, ReceiptStatus, bool);
+
+struct CachedGroup {
+    members: Vec<String>,
+    loaded: Instant,
+}
+
+/// Group commands waiting for the group's state to be loaded, in arrival order.
+enum GroupWait {
+    Publish { sender: UserId, msg_id: String, payload: Bytes, reply: oneshot::Sender<Result<Stored, PublishFailure>> },
+    Check { user: UserId, reply: oneshot::Sender<Result<(), PublishFailure>> },
+}
+
+fn member_check(members: Option<&[String]>, user: &str) -> Result<(), PublishFailure> {
+    match members {
+        None => Err(PublishFailure::NotFound),
+        Some(m) if m.iter().any(|u| u == user) => Ok(()),
+        Some(_) => Err(PublishFailure::Forbidden),
+    }
 }
 
 async fn run(
@@ -260,12 +331,7 @@ async fn run(
     health: Arc<telemetry::Health>,
 ) -> anyhow::Result<()> {
     let (ev_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let client = bus::connect(
-        &cfg.nats,
-        &format!("gateway {}", cfg.gateway_id),
-        Some(ev_tx),
-    )
-    .await?;
+    let client = bus::connect(&cfg.nats, &format!("gateway {}", cfg.gateway_id), Some(ev_tx)).await?;
     let js = jetstream::ContextBuilder::new()
         .ack_timeout(Duration::from_secs(5))
         .max_ack_inflight(20_000)
@@ -279,7 +345,10 @@ async fn run(
     let mut interests: FxHashMap<UserId, Interest> = FxHashMap::default();
     let mut live: SelectAll<LiveStream> = SelectAll::new();
     let mut cursors: FxHashMap<(UserId, DeviceId), u64> = FxHashMap::default();
-    let mut receipts: FxHashMap<(UserId, String), u64> = FxHashMap::default();
+    let mut receipts: FxHashMap<ReceiptKey, u64> = FxHashMap::default();
+    let mut groups: FxHashMap<String, CachedGroup> = FxHashMap::default();
+    let mut group_waits: FxHashMap<String, Vec<GroupWait>> = FxHashMap::default();
+    let groups_kv = js.get_key_value(subjects::GROUPS_BUCKET).await?;
     let mut cursor_tick = tokio::time::interval(cfg.cursor_flush);
     let mut receipt_tick = tokio::time::interval(cfg.receipt_flush);
     let mut disconnected = false;
@@ -362,9 +431,37 @@ async fn run(
                             cursors.insert(key, seq);
                         }
                     }
-                    Command::Receipt { by, to, up_to } => {
-                        let e = receipts.entry((by, to)).or_insert(0);
+                    Command::Receipt { by, to, status, up_to } => {
+                        let e = receipts.entry((by, to, status, false)).or_insert(0);
                         *e = (*e).max(up_to);
+                    }
+                    Command::GroupReceipt { by, group, status, up_to } => {
+                        let e = receipts.entry((by, group, status, true)).or_insert(0);
+                        *e = (*e).max(up_to);
+                    }
+                    Command::GroupPublish { group, sender, msg_id, payload, reply } => {
+                        let wait = GroupWait::Publish { sender, msg_id, payload, reply };
+                        group_command(&js, &metrics, &groups_kv, &int_tx, &mut groups, &mut group_waits, group.to_string(), wait).await;
+                    }
+                    Command::GroupCheck { group, user, reply } => {
+                        let wait = GroupWait::Check { user, reply };
+                        group_command(&js, &metrics, &groups_kv, &int_tx, &mut groups, &mut group_waits, group.to_string(), wait).await;
+                    }
+                    Command::GroupOp { req, reply } => {
+                        let (client, int_tx) = (client.clone(), int_tx.clone());
+                        tokio::spawn(async move {
+                            let res = request_json::<_, GroupReply>(&client, subjects::GROUP_SERVICE, &req).await;
+                            if let Ok(GroupReply::Group { group }) = &res {
+                                let _ = int_tx.send(Internal::GroupChanged(group.clone()));
+                            }
+                            let _ = reply.send(res);
+                        });
+                    }
+                    Command::WhoRead { req, reply } => {
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            let _ = reply.send(request_json(&client, subjects::RECEIPT_QUERY_SERVICE, &req).await);
+                        });
                     }
                     Command::Drain => {
                         for tx in &exec_tx {
@@ -387,6 +484,32 @@ async fn run(
                 Internal::RetryReceipt(key, up_to) => {
                     let e = receipts.entry(key).or_insert(0);
                     *e = (*e).max(up_to);
+                }
+                Internal::GroupLoaded(gid, res) => {
+                    let waiting = group_waits.remove(&gid).unwrap_or_default();
+                    let members = match res {
+                        Ok(state) => {
+                            let members = state.map(|s| s.members);
+                            if let Some(m) = &members {
+                                cache_group(&mut groups, gid.clone(), m.clone());
+                            }
+                            Ok(members)
+                        }
+                        Err(()) => Err(PublishFailure::Unavailable),
+                    };
+                    for w in waiting {
+                        let verdict = |user: &str| members.as_ref().map_err(|e| *e).and_then(|m| member_check(m.as_deref(), user));
+                        match w {
+                            GroupWait::Publish { sender, msg_id, payload, reply } => match verdict(sender.as_str()) {
+                                Ok(()) => publish(&js, &metrics, format!("group.{gid}"), msg_id, payload, reply).await,
+                                Err(e) => { let _ = reply.send(Err(e)); }
+                            },
+                            GroupWait::Check { user, reply } => { let _ = reply.send(verdict(user.as_str())); }
+                        }
+                    }
+                }
+                Internal::GroupChanged(state) => {
+                    cache_group(&mut groups, state.gid, state.members);
                 }
             },
             Some(ev) = events.recv() => match ev {
@@ -411,8 +534,8 @@ async fn run(
                 }
             }
             _ = receipt_tick.tick(), if !receipts.is_empty() => {
-                for ((by, to), up_to) in receipts.drain() {
-                    spawn_receipt(&js, &metrics, &int_tx, by, to, up_to);
+                for (key, up_to) in receipts.drain() {
+                    spawn_receipt(&js, &metrics, &int_tx, key, up_to);
                 }
             }
         }
@@ -429,13 +552,7 @@ async fn publish(
     reply: oneshot::Sender<Result<Stored, PublishFailure>>,
 ) {
     let started = Instant::now();
-    let fut = match js
-        .send_publish(
-            subject,
-            PublishMessage::build().message_id(msg_id).payload(payload),
-        )
-        .await
-    {
+    let fut = match js.send_publish(subject, PublishMessage::build().message_id(msg_id).payload(payload)).await {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(error = %e, "publish failed");
@@ -448,25 +565,20 @@ async fn publish(
     tokio::spawn(async move {
         let r = match fut.await {
             Ok(ack) => {
-                metrics
-                    .publish_ack_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                metrics.publish_ack_seconds.observe(started.elapsed().as_secs_f64());
                 metrics.messages_published.inc();
                 if ack.duplicate {
                     metrics.messages_duplicate.inc();
                 }
-                Ok(Stored {
-                    seq: ack.sequence,
-                    duplicate: ack.duplicate,
-                })
+                Ok(Stored { seq: ack.sequence, duplicate: ack.duplicate })
             }
             Err(e) => {
                 metrics.publish_errors.inc();
                 tracing::warn!(error = %e, "publish not acknowledged");
                 Err(match e.kind() {
-                    PublishErrorKind::TimedOut
-                    | PublishErrorKind::BrokenPipe
-                    | PublishErrorKind::StreamNotFound => PublishFailure::Unavailable,
+                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound => {
+                        PublishFailure::Unavailable
+                    }
                     _ => PublishFailure::Internal,
                 })
             }
@@ -484,20 +596,14 @@ fn forward_live(
     let Some(i) = interests.get(&user) else {
         return;
     };
-    let header =
-        |name: &str| -> Option<u64> { msg.headers.as_ref()?.get(name)?.as_str().parse().ok() };
+    let header = |name: &str| -> Option<u64> { msg.headers.as_ref()?.get(name)?.as_str().parse().ok() };
     let Some(seq) = header("Nats-Sequence") else {
         tracing::warn!(subject = %msg.subject, "live copy without Nats-Sequence ignored");
         return;
     };
     let prev = header("Nats-Last-Sequence").unwrap_or(0);
     for (exec, _) in &i.execs {
-        let _ = exec_tx[*exec].send(ExecEvent::Live {
-            user: user.clone(),
-            seq,
-            prev,
-            payload: msg.payload.clone(),
-        });
+        let _ = exec_tx[*exec].send(ExecEvent::Live { user: user.clone(), seq, prev, payload: msg.payload.clone() });
     }
 }
 
@@ -507,18 +613,11 @@ fn resync_all(exec_tx: &[flume::Sender<ExecEvent>]) {
     }
 }
 
-async fn open_cursor(
-    kv: &jetstream::kv::Store,
-    user: &UserId,
-    device: &DeviceId,
-) -> anyhow::Result<u64> {
+async fn open_cursor(kv: &jetstream::kv::Store, user: &UserId, device: &DeviceId) -> anyhow::Result<u64> {
     let key = subjects::cursor_key(user, device);
     for _ in 0..3 {
         if let Some(v) = kv.get(&key).await? {
-            return Ok(std::str::from_utf8(&v)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(0));
+            return Ok(std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0));
         }
         // Register the device so that storage keeps the inbox until this device has it. A
         // concurrent connection of the same device may create it first: then read it again.
@@ -529,12 +628,7 @@ async fn open_cursor(
     anyhow::bail!("could not read or create the cursor {key}")
 }
 
-fn spawn_cursor_put(
-    kv: &jetstream::kv::Store,
-    metrics: &Arc<Metrics>,
-    (user, device): (UserId, DeviceId),
-    seq: u64,
-) {
+fn spawn_cursor_put(kv: &jetstream::kv::Store, metrics: &Arc<Metrics>, (user, device): (UserId, DeviceId), seq: u64) {
     let (kv, metrics) = (kv.clone(), metrics.clone());
     tokio::spawn(async move {
         let key = subjects::cursor_key(&user, &device);
@@ -552,31 +646,26 @@ fn spawn_receipt(
     js: &jetstream::Context,
     metrics: &Arc<Metrics>,
     retry: &tokio::sync::mpsc::UnboundedSender<Internal>,
-    by: UserId,
-    to: String,
+    key: ReceiptKey,
     up_to: u64,
 ) {
-    let Ok(to_user) = UserId::parse(&to) else {
-        return;
+    let (by, to, status, is_group) = &key;
+    let (subject, msg_id, payload) = if *is_group {
+        let ev = match status {
+            ReceiptStatus::Delivered => ReceiptEvent::Delivered { group: to.clone(), by: by.to_string(), up_to },
+            ReceiptStatus::Read => ReceiptEvent::Read { group: to.clone(), by: by.to_string(), up_to },
+        };
+        let id = format!("gr|{}|{}|{}|{}", by, to, status.as_str(), up_to);
+        (subjects::receipts(to), id, serde_json::to_vec(&ev).expect("receipt event serialises"))
+    } else {
+        let Ok(to_user) = UserId::parse(to) else { return };
+        let item = InboxItem::Receipt { from: by.to_string(), status: *status, up_to, ts: protocol::now_ms() };
+        (subjects::inbox(&to_user), ids::receipt_dedup_id(by, &to_user, status.as_str(), up_to), item.to_bytes())
     };
-    let item = InboxItem::Receipt {
-        from: by.to_string(),
-        status: ReceiptStatus::Delivered,
-        up_to,
-        ts: protocol::now_ms(),
-    };
-    let msg_id = ids::receipt_dedup_id(&by, &to_user, ReceiptStatus::Delivered.as_str(), up_to);
     let (js, metrics, retry) = (js.clone(), metrics.clone(), retry.clone());
     tokio::spawn(async move {
         let res = async {
-            js.send_publish(
-                subjects::inbox(&to_user),
-                PublishMessage::build()
-                    .message_id(msg_id)
-                    .payload(item.to_bytes().into()),
-            )
-            .await?
-            .await
+            js.send_publish(subject, PublishMessage::build().message_id(msg_id).payload(payload.into())).await?.await
         }
         .await;
         match res {
@@ -585,10 +674,98 @@ fn spawn_receipt(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "receipt publish failed; will retry");
-                let _ = retry.send(Internal::RetryReceipt((by, to), up_to));
+                let _ = retry.send(Internal::RetryReceipt(key, up_to));
             }
         }
     });
+}
+
+/// Runs a group command now if the group's membership is cached and fresh, otherwise queues it
+/// behind a load of the group's state (one load per group at a time). Commands of one group run
+/// in arrival order either way, so a connection's group messages keep their order.
+#[allow(clippy::too_many_arguments)]
+async fn group_command(
+    js: &jetstream::Context,
+    metrics: &Arc<Metrics>,
+    kv: &jetstream::kv::Store,
+    int_tx: &tokio::sync::mpsc::UnboundedSender<Internal>,
+    groups: &mut FxHashMap<String, CachedGroup>,
+    waits: &mut FxHashMap<String, Vec<GroupWait>>,
+    gid: String,
+    wait: GroupWait,
+) {
+    if let Some(queue) = waits.get_mut(&gid) {
+        queue.push(wait);
+        return;
+    }
+    if let Some(g) = groups.get(&gid).filter(|g| g.loaded.elapsed() < GROUP_CACHE_TTL) {
+        match wait {
+            GroupWait::Publish { sender, msg_id, payload, reply } => {
+                match member_check(Some(&g.members), sender.as_str()) {
+                    Ok(()) => publish(js, metrics, format!("group.{gid}"), msg_id, payload, reply).await,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            GroupWait::Check { user, reply } => {
+                let _ = reply.send(member_check(Some(&g.members), user.as_str()));
+            }
+        }
+        return;
+    }
+    waits.insert(gid.clone(), vec![wait]);
+    let (kv, int_tx) = (kv.clone(), int_tx.clone());
+    tokio::spawn(async move {
+        let res = match kv.get(&gid).await {
+            Ok(None) => Ok(None),
+            Ok(Some(v)) => match serde_json::from_slice::<GroupState>(&v) {
+                Ok(s) => Ok(Some(s)),
+                Err(e) => {
+                    tracing::warn!(error = %e, group = %gid, "unreadable group state");
+                    Err(())
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "group state read failed");
+                Err(())
+            }
+        };
+        let _ = int_tx.send(Internal::GroupLoaded(gid, res));
+    });
+}
+
+fn cache_group(groups: &mut FxHashMap<String, CachedGroup>, gid: String, members: Vec<String>) {
+    if groups.len() >= GROUP_CACHE_MAX && !groups.contains_key(&gid) {
+        // Evict stale entries first; if none, an arbitrary one (it is reloaded on demand).
+        groups.retain(|_, g| g.loaded.elapsed() < GROUP_CACHE_TTL);
+        if groups.len() >= GROUP_CACHE_MAX {
+            if let Some(k) = groups.keys().next().cloned() {
+                groups.remove(&k);
+            }
+        }
+    }
+    groups.insert(gid, CachedGroup { members, loaded: Instant::now() });
+}
+
+/// A JSON request to one of the services (router, storage) over core NATS.
+async fn request_json<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
+    client: &async_nats::Client,
+    subject: &str,
+    req: &Q,
+) -> Result<R, PublishFailure> {
+    let body = serde_json::to_vec(req).map_err(|_| PublishFailure::Internal)?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(subject.to_owned(), body.into()))
+        .await
+        .map_err(|_| PublishFailure::Unavailable)?
+        .map_err(|e| {
+            tracing::warn!(error = %e, subject, "service request failed");
+            PublishFailure::Unavailable
+        })?;
+    serde_json::from_slice(&resp.payload).map_err(|e| {
+        tracing::warn!(error = %e, subject, "unreadable service reply");
+        PublishFailure::Internal
+    })
 }
 
 impl Bridge {

@@ -9,10 +9,7 @@ use anyhow::{bail, Context as _};
 use clap::Parser;
 
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "gateway",
-    about = "WebSocket gateway: authenticates clients and bridges them to NATS JetStream"
-)]
+#[command(name = "gateway", about = "WebSocket gateway: authenticates clients and bridges them to NATS JetStream")]
 pub struct Config {
     /// Address of the WebSocket listener (one SO_REUSEPORT socket per executor).
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
@@ -96,13 +93,7 @@ impl Config {
     }
 
     pub fn cores(&self) -> usize {
-        self.cores
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            })
-            .max(1)
+        self.cores.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
     }
 
     pub fn heartbeat_timeout(&self) -> Duration {

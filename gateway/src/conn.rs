@@ -5,22 +5,21 @@ use std::borrow::Cow;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use async_tungstenite::tungstenite::protocol::{
-    frame::coding::CloseCode, CloseFrame, Role, WebSocketConfig,
-};
+use async_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Role, WebSocketConfig};
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures::stream::FuturesOrdered;
 use futures::{AsyncReadExt, AsyncWriteExt, FutureExt, SinkExt, StreamExt};
 use glommio::net::TcpStream;
-use protocol::item::InboxItem;
+use protocol::groups::{GroupEntry, GroupReply, GroupRequest, WhoReadReply, WhoReadRequest};
+use protocol::item::{InboxItem, ReceiptStatus};
 use protocol::{
-    decode_client_frame, ids, render_item, subjects, ClientFrame, DeviceId, ErrorCode, ServerFrame,
+    decode_client_frame, ids, render_item, subjects, ClientFrame, Conversation, DeviceId, ErrorCode, ServerFrame,
     UserId,
 };
 
-use crate::bridge::PublishFailure;
-use crate::delivery::{Delivery, Live};
+use crate::bridge::{PublishFailure, Stored};
+use crate::delivery::{Delivery, Live, ReceiptTarget};
 use crate::executor::ExecCtx;
 use crate::handshake::{self, Request};
 use crate::outbox::Outbox;
@@ -63,17 +62,9 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
             if !ctx.cfg.dev_tokens {
                 let _ = respond(&mut stream, 404, "Not Found", "not found\n").await;
             } else if protocol::UserId::parse(&user).is_err()
-                || device
-                    .as_deref()
-                    .is_some_and(|d| DeviceId::parse(d).is_err())
+                || device.as_deref().is_some_and(|d| DeviceId::parse(d).is_err())
             {
-                let _ = respond(
-                    &mut stream,
-                    400,
-                    "Bad Request",
-                    "invalid user or device id\n",
-                )
-                .await;
+                let _ = respond(&mut stream, 400, "Bad Request", "invalid user or device id\n").await;
             } else {
                 let token = ctx.keys.mint(&user, device.as_deref(), 24 * 3600);
                 let _ = respond(&mut stream, 200, "OK", &token).await;
@@ -88,13 +79,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
     };
     if ctx.draining.get() {
         ctx.metrics.handshake_failed("draining");
-        let _ = respond(
-            &mut stream,
-            503,
-            "Service Unavailable",
-            "draining, reconnect elsewhere\n",
-        )
-        .await;
+        let _ = respond(&mut stream, 503, "Service Unavailable", "draining, reconnect elsewhere\n").await;
         return;
     }
     let (user, device) = match handshake::authenticate(&ctx.keys, &upgrade) {
@@ -106,11 +91,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
             return;
         }
     };
-    if stream
-        .write_all(handshake::switching_protocols(&upgrade.key).as_bytes())
-        .await
-        .is_err()
-    {
+    if stream.write_all(handshake::switching_protocols(&upgrade.key).as_bytes()).await.is_err() {
         ctx.metrics.handshake_failed("io_error");
         return;
     }
@@ -122,8 +103,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         .max_write_buffer_size(cfg.max_frame * 4)
         .max_message_size(Some(cfg.max_frame))
         .max_frame_size(Some(cfg.max_frame));
-    let ws =
-        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config)).await;
+    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config)).await;
 
     ctx.metrics.connections_open.inc();
     let outbox = Rc::new(Outbox::new(ctx.cfg.send_queue));
@@ -139,8 +119,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
     let reason = session.run(upgrade.since.unwrap_or(0)).await;
     ctx.unregister(&user, &outbox);
     ctx.bridge.unsubscribe(user.clone(), ctx.id);
-    ctx.bridge
-        .cursor(user, session.device.clone(), session.delivery.acked(), true);
+    ctx.bridge.cursor(user, session.device.clone(), session.delivery.acked(), true);
     ctx.metrics.connections_open.dec();
     ctx.metrics.closed(reason);
 }
@@ -164,22 +143,27 @@ async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), &'stati
     }
 }
 
-async fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    reason: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    stream
-        .write_all(handshake::plain_response(status, reason, body).as_bytes())
-        .await?;
+async fn respond(stream: &mut TcpStream, status: u16, reason: &str, body: &str) -> std::io::Result<()> {
+    stream.write_all(handshake::plain_response(status, reason, body).as_bytes()).await?;
     stream.close().await
 }
+
+/// The answer to a client request that waited on the backbone, in request order.
+enum Reply {
+    /// A send (1:1 or group): `sent`, or an error.
+    Sent(String, Result<Stored, PublishFailure>),
+    /// A membership operation.
+    Group(String, Result<GroupReply, PublishFailure>),
+    /// A "who read this" query.
+    WhoRead(String, String, u64, Result<WhoReadReply, PublishFailure>),
+}
+
+type Pending = FuturesOrdered<futures::future::LocalBoxFuture<'static, Reply>>;
 
 /// What woke the session loop.
 enum Wake {
     Outbox,
-    Published(Option<(String, Result<crate::bridge::Stored, PublishFailure>)>),
+    Published(Option<Reply>),
     Frame(Option<Result<Message, WsError>>),
     Heartbeat,
 }
@@ -204,18 +188,14 @@ impl Session {
         }
         let hb = self.ctx.cfg.heartbeat_timeout();
         let mut last_seen = Instant::now();
-        let mut pending = FuturesOrdered::new();
+        let mut pending: Pending = FuturesOrdered::new();
         loop {
             if let Some((code, reason)) = self.outbox.kicked() {
                 if code == 1001 {
                     let _ = self.send(ServerFrame::Reconnect { reason }.to_json()).await;
                 }
                 self.close(code, reason).await;
-                return if code == 1001 {
-                    "server_draining"
-                } else {
-                    "kicked"
-                };
+                return if code == 1001 { "server_draining" } else { "kicked" };
             }
             if self.outbox.take_resync() {
                 self.ctx.metrics.resyncs.inc();
@@ -226,11 +206,8 @@ impl Session {
             let can_read = pending.len() < self.ctx.cfg.max_inflight;
             let wake = {
                 let idle = hb.saturating_sub(last_seen.elapsed());
-                let read = if can_read {
-                    self.ws.next().left_future()
-                } else {
-                    futures::future::pending().right_future()
-                };
+                let read =
+                    if can_read { self.ws.next().left_future() } else { futures::future::pending().right_future() };
                 futures::select_biased! {
                     _ = self.outbox.ready().fuse() => Wake::Outbox,
                     p = pending.next() => Wake::Published(p),
@@ -241,9 +218,9 @@ impl Session {
             let step = match wake {
                 Wake::Outbox => self.deliver_live().await,
                 Wake::Published(None) => Ok(()),
-                Wake::Published(Some((id, res))) => {
+                Wake::Published(Some(reply)) => {
                     self.ctx.inflight.set(self.ctx.inflight.get() - 1);
-                    self.answer_publish(&id, res).await
+                    self.answer(reply).await
                 }
                 Wake::Frame(None) => return "client_closed",
                 Wake::Frame(Some(Err(e))) => return self.fail(e).await,
@@ -273,11 +250,7 @@ impl Session {
             self.close(1013, "backbone unavailable, retry later").await;
             return Err("backbone_unavailable");
         }
-        let cursor = match ctx
-            .bridge
-            .open_cursor(self.user.clone(), self.device.clone())
-            .await
-        {
+        let cursor = match ctx.bridge.open_cursor(self.user.clone(), self.device.clone()).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cursor read failed");
@@ -308,23 +281,15 @@ impl Session {
         // arrives later is deduplicated by sequence).
         self.outbox.take_all();
         loop {
-            let batch = match self
-                .ctx
-                .bridge
-                .fetch(
-                    self.user.clone(),
-                    self.delivery.sent(),
-                    self.ctx.cfg.drain_batch,
-                )
-                .await
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "inbox read failed");
-                    self.close(1013, "backbone unavailable, retry later").await;
-                    return Err("backbone_unavailable");
-                }
-            };
+            let batch =
+                match self.ctx.bridge.fetch(self.user.clone(), self.delivery.sent(), self.ctx.cfg.drain_batch).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "inbox read failed");
+                        self.close(1013, "backbone unavailable, retry later").await;
+                        return Err("backbone_unavailable");
+                    }
+                };
             if batch.is_empty() {
                 break;
             }
@@ -341,13 +306,7 @@ impl Session {
         m.drain_items.observe(count as f64);
         m.drain_seconds.observe(started.elapsed().as_secs_f64());
         if announce {
-            self.send(
-                ServerFrame::Synced {
-                    seq: self.delivery.sent(),
-                }
-                .to_json(),
-            )
-            .await?;
+            self.send(ServerFrame::Synced { seq: self.delivery.sent() }.to_json()).await?;
         }
         Ok(())
     }
@@ -375,50 +334,27 @@ impl Session {
         Ok(())
     }
 
-    async fn feed_item(
-        &mut self,
-        seq: u64,
-        payload: &[u8],
-        path: &'static str,
-    ) -> Result<(), Reason> {
+    async fn feed_item(&mut self, seq: u64, payload: &[u8], path: &'static str) -> Result<(), Reason> {
         let head = ItemHead::parse(payload);
         let frame = render_item(seq, payload);
-        self.ws
-            .feed(Message::Text(frame.into()))
-            .await
-            .map_err(|_| "io_error")?;
-        self.delivery
-            .mark_sent(seq, head.as_ref().and_then(|h| h.chat_sender()));
+        self.ws.feed(Message::Text(frame.into())).await.map_err(|_| "io_error")?;
+        self.delivery.mark_sent(seq, head.as_ref().and_then(ItemHead::receipt_target));
         let m = &self.ctx.metrics;
         m.frames_out.inc();
         m.delivered(path);
         if let Some(ts) = head.and_then(|h| h.ts) {
-            m.send_to_deliver_seconds
-                .observe(protocol::now_ms().saturating_sub(ts) as f64 / 1000.0);
+            m.send_to_deliver_seconds.observe(protocol::now_ms().saturating_sub(ts) as f64 / 1000.0);
         }
         Ok(())
     }
 
-    async fn on_message(
-        &mut self,
-        msg: Message,
-        pending: &mut FuturesOrdered<
-            futures::future::LocalBoxFuture<
-                'static,
-                (String, Result<crate::bridge::Stored, PublishFailure>),
-            >,
-        >,
-    ) -> Result<(), Reason> {
+    async fn on_message(&mut self, msg: Message, pending: &mut Pending) -> Result<(), Reason> {
         self.ctx.metrics.frames_in.inc();
         let text = match msg {
             Message::Text(t) => t,
             Message::Binary(_) => {
                 return self
-                    .error(
-                        ErrorCode::BinaryUnsupported,
-                        "binary frames are not supported; send JSON text frames",
-                        None,
-                    )
+                    .error(ErrorCode::BinaryUnsupported, "binary frames are not supported; send JSON text frames", None)
                     .await;
             }
             // tungstenite answers pings itself; pongs and raw frames need nothing.
@@ -437,7 +373,10 @@ impl Session {
                     let b = &self.ctx.bridge;
                     b.cursor(self.user.clone(), self.device.clone(), acked.cursor, false);
                     for (sender, up_to) in acked.receipts {
-                        b.receipt(self.user.clone(), sender, up_to);
+                        b.receipt(self.user.clone(), sender, ReceiptStatus::Delivered, up_to);
+                    }
+                    for (group, up_to) in acked.group_receipts {
+                        b.group_receipt(self.user.clone(), group, ReceiptStatus::Delivered, up_to);
                     }
                 }
                 Ok(())
@@ -451,74 +390,120 @@ impl Session {
                     ts: protocol::now_ms(),
                 };
                 let msg_id = ids::direct_msg_dedup_id(&self.user, &self.device, &id);
+                // The command is queued now, in frame order: a connection's publishes reach
+                // JetStream in the order sent, and the `sent` answers go back in that order.
+                let rx = self.ctx.bridge.publish_cmd(subjects::inbox(&to), msg_id, item.to_bytes().into());
+                self.wait(pending, async move {
+                    Reply::Sent(id.to_string(), rx.await.unwrap_or(Err(PublishFailure::Unavailable)))
+                });
+                Ok(())
+            }
+            ClientFrame::GroupSend { id, group, body } => {
+                let entry = GroupEntry::Post {
+                    from: self.user.to_string(),
+                    dev: self.device.to_string(),
+                    id: id.to_string(),
+                    body,
+                    ts: protocol::now_ms(),
+                };
+                let payload = serde_json::to_vec(&entry).expect("group entry serialises");
+                let msg_id = ids::group_msg_dedup_id(&self.user, &self.device, &id);
+                let rx = self.ctx.bridge.group_publish_cmd(group, self.user.clone(), msg_id, payload.into());
+                self.wait(pending, async move {
+                    Reply::Sent(id.to_string(), rx.await.unwrap_or(Err(PublishFailure::Unavailable)))
+                });
+                Ok(())
+            }
+            ClientFrame::Group { id, op } => {
                 let bridge = self.ctx.bridge.clone();
-                let subject = subjects::inbox(&to);
-                let payload = item.to_bytes().into();
-                self.ctx.inflight.set(self.ctx.inflight.get() + 1);
-                // Publishes are issued in order through one NATS connection, so a sender's
-                // messages are stored in the order sent; the `sent` answers go back in order.
-                pending.push_back(
-                    async move {
-                        let res = bridge.publish(subject, msg_id, payload).await;
-                        (id.to_string(), res)
+                let req = GroupRequest { by: self.user.to_string(), op };
+                self.wait(pending, async move { Reply::Group(id.to_string(), bridge.group_op(req).await) });
+                Ok(())
+            }
+            ClientFrame::WhoRead { id, group, sid } => {
+                let bridge = self.ctx.bridge.clone();
+                let user = self.user.clone();
+                self.wait(pending, async move {
+                    let res = match bridge.group_check(group.clone(), user.clone()).await {
+                        Ok(()) => {
+                            bridge
+                                .who_read(WhoReadRequest { by: user.to_string(), group: group.to_string(), sid })
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    Reply::WhoRead(id.to_string(), group.to_string(), sid, res)
+                });
+                Ok(())
+            }
+            ClientFrame::Read { conv, up_to } => {
+                let b = &self.ctx.bridge;
+                match conv {
+                    Conversation::Direct(peer) => {
+                        b.receipt(self.user.clone(), peer.to_string(), ReceiptStatus::Read, up_to)
                     }
-                    .boxed_local(),
-                );
+                    Conversation::Group(g) => {
+                        b.group_receipt(self.user.clone(), g.to_string(), ReceiptStatus::Read, up_to)
+                    }
+                }
                 Ok(())
             }
         }
     }
 
-    async fn answer_publish(
-        &mut self,
-        id: &str,
-        res: Result<crate::bridge::Stored, PublishFailure>,
-    ) -> Result<(), Reason> {
-        match res {
-            Ok(stored) => {
-                let f = ServerFrame::Sent {
-                    id,
-                    sid: stored.seq,
-                    ts: protocol::now_ms(),
-                    dup: stored.duplicate,
+    fn wait(&self, pending: &mut Pending, fut: impl std::future::Future<Output = Reply> + 'static) {
+        self.ctx.inflight.set(self.ctx.inflight.get() + 1);
+        pending.push_back(fut.boxed_local());
+    }
+
+    async fn answer(&mut self, reply: Reply) -> Result<(), Reason> {
+        match reply {
+            Reply::Sent(id, Ok(stored)) => {
+                let f = ServerFrame::Sent { id: &id, sid: stored.seq, ts: protocol::now_ms(), dup: stored.duplicate };
+                self.send(f.to_json()).await
+            }
+            Reply::Group(id, Ok(GroupReply::Group { group })) => {
+                self.send(ServerFrame::Group { id: &id, group: &group }.to_json()).await
+            }
+            Reply::Group(id, Ok(GroupReply::Groups { groups })) => {
+                self.send(ServerFrame::Groups { id: &id, groups: &groups }.to_json()).await
+            }
+            Reply::Group(id, Ok(GroupReply::Error { code, msg })) => self.error(code, &msg, Some(&id)).await,
+            Reply::WhoRead(id, group, sid, Ok(WhoReadReply::Receipts { recipients, delivered, read })) => {
+                let f = ServerFrame::Receipts {
+                    id: &id,
+                    group: &group,
+                    sid,
+                    recipients,
+                    delivered: &delivered,
+                    read: &read,
                 };
                 self.send(f.to_json()).await
             }
-            Err(PublishFailure::Unavailable) => {
-                self.error(
-                    ErrorCode::Unavailable,
-                    "not confirmed by storage; retry with the same id",
-                    Some(id),
-                )
-                .await
-            }
-            Err(PublishFailure::Internal) => {
-                self.error(
-                    ErrorCode::Internal,
-                    "store failed; retry with the same id",
-                    Some(id),
-                )
-                .await
+            Reply::WhoRead(id, _, _, Ok(WhoReadReply::Error { code, msg })) => self.error(code, &msg, Some(&id)).await,
+            Reply::Sent(id, Err(e)) | Reply::Group(id, Err(e)) | Reply::WhoRead(id, _, _, Err(e)) => {
+                let (code, msg) = match e {
+                    PublishFailure::Unavailable => {
+                        (ErrorCode::Unavailable, "not confirmed by the backbone; retry with the same id")
+                    }
+                    PublishFailure::Internal => (ErrorCode::Internal, "server failure; retry with the same id"),
+                    PublishFailure::NotFound => (ErrorCode::NotFound, "no such group"),
+                    PublishFailure::Forbidden => (ErrorCode::Forbidden, "not a member of this group"),
+                };
+                self.error(code, msg, Some(&id)).await
             }
         }
     }
 
     async fn error(&mut self, code: ErrorCode, msg: &str, id: Option<&str>) -> Result<(), Reason> {
-        let label = serde_json::to_value(code)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let label = serde_json::to_value(code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         self.ctx.metrics.frame_error(code_label(&label));
-        self.send(ServerFrame::Error { code, msg, id }.to_json())
-            .await
+        self.send(ServerFrame::Error { code, msg, id }.to_json()).await
     }
 
     async fn send(&mut self, text: String) -> Result<(), Reason> {
         self.ctx.metrics.frames_out.inc();
-        self.ws
-            .send(Message::Text(text.into()))
-            .await
-            .map_err(|_| "io_error")
+        self.ws.send(Message::Text(text.into())).await.map_err(|_| "io_error")
     }
 
     async fn flush(&mut self) -> Result<(), Reason> {
@@ -526,10 +511,7 @@ impl Session {
     }
 
     async fn close(&mut self, code: u16, reason: &'static str) {
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
         let _ = self.ws.close(Some(frame)).await;
     }
 
@@ -563,6 +545,9 @@ fn code_label(s: &str) -> &'static str {
         "binary_unsupported" => "binary_unsupported",
         "rate_limited" => "rate_limited",
         "unavailable" => "unavailable",
+        "not_found" => "not_found",
+        "forbidden" => "forbidden",
+        "limit_exceeded" => "limit_exceeded",
         _ => "internal",
     }
 }
@@ -576,6 +561,10 @@ struct ItemHead<'a> {
     from: Option<Cow<'a, str>>,
     #[serde(default)]
     ts: Option<u64>,
+    #[serde(borrow, default)]
+    group: Option<Cow<'a, str>>,
+    #[serde(default)]
+    sid: Option<u64>,
 }
 
 impl<'a> ItemHead<'a> {
@@ -583,7 +572,12 @@ impl<'a> ItemHead<'a> {
         serde_json::from_slice(b).ok()
     }
 
-    fn chat_sender(&self) -> Option<&str> {
-        (self.k == "chat").then_some(self.from.as_deref()).flatten()
+    /// Messages earn delivery receipts; receipts and events do not.
+    fn receipt_target(&self) -> Option<ReceiptTarget> {
+        match &*self.k {
+            "chat" => Some(ReceiptTarget::Direct(self.from.as_deref()?.to_owned())),
+            "group" => Some(ReceiptTarget::Group(self.group.as_deref()?.to_owned(), self.sid?)),
+            _ => None,
+        }
     }
 }

@@ -20,6 +20,15 @@ pub enum Live {
     Gap,
 }
 
+/// Whom a delivered item earns a receipt for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiptTarget {
+    /// A 1:1 message from this sender; its sid is its inbox sequence.
+    Direct(String),
+    /// A group message: the group and the message's position in the group timeline.
+    Group(String, u64),
+}
+
 /// What an acknowledgement changed.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Acked {
@@ -27,6 +36,8 @@ pub struct Acked {
     pub cursor: u64,
     /// Delivery receipts to send: (sender, highest acknowledged sid of theirs).
     pub receipts: Vec<(String, u64)>,
+    /// Group delivery receipts: (group, highest acknowledged group sid).
+    pub group_receipts: Vec<(String, u64)>,
 }
 
 #[derive(Debug)]
@@ -36,19 +47,14 @@ pub struct Delivery {
     /// Chat items sent but not acknowledged: (seq, sender). Bounded; receipts are cumulative per
     /// conversation, so forgetting the oldest only delays a tick until a later message of the
     /// same sender is acknowledged.
-    unacked: VecDeque<(u64, String)>,
+    unacked: VecDeque<(u64, ReceiptTarget)>,
     max_unacked: usize,
 }
 
 impl Delivery {
     /// Starts after `resume_from`: the client holds every item up to it.
     pub fn new(resume_from: u64, max_unacked: usize) -> Self {
-        Delivery {
-            sent: resume_from,
-            acked: resume_from,
-            unacked: VecDeque::new(),
-            max_unacked,
-        }
+        Delivery { sent: resume_from, acked: resume_from, unacked: VecDeque::new(), max_unacked }
     }
 
     /// Highest sequence sent to the client.
@@ -72,15 +78,15 @@ impl Delivery {
         }
     }
 
-    /// Records that item `seq` was sent; `sender` is set for chat items, which earn a receipt.
-    pub fn mark_sent(&mut self, seq: u64, sender: Option<&str>) {
+    /// Records that item `seq` was sent; `target` is set for messages, which earn a receipt.
+    pub fn mark_sent(&mut self, seq: u64, target: Option<ReceiptTarget>) {
         debug_assert!(seq > self.sent, "items are sent in sequence order");
         self.sent = seq;
-        if let Some(s) = sender {
+        if let Some(t) = target {
             if self.unacked.len() == self.max_unacked {
                 self.unacked.pop_front();
             }
-            self.unacked.push_back((seq, s.to_owned()));
+            self.unacked.push_back((seq, t));
         }
     }
 
@@ -93,17 +99,19 @@ impl Delivery {
         }
         self.acked = seq;
         let mut receipts: Vec<(String, u64)> = Vec::new();
+        let mut group_receipts: Vec<(String, u64)> = Vec::new();
         while self.unacked.front().is_some_and(|(s, _)| *s <= seq) {
-            let (s, sender) = self.unacked.pop_front().expect("front exists");
-            match receipts.iter_mut().find(|(who, _)| *who == sender) {
-                Some(r) => r.1 = r.1.max(s),
-                None => receipts.push((sender, s)),
+            let (s, target) = self.unacked.pop_front().expect("front exists");
+            let (list, key, sid) = match target {
+                ReceiptTarget::Direct(sender) => (&mut receipts, sender, s),
+                ReceiptTarget::Group(group, sid) => (&mut group_receipts, group, sid),
+            };
+            match list.iter_mut().find(|(k, _)| *k == key) {
+                Some(r) => r.1 = r.1.max(sid),
+                None => list.push((key, sid)),
             }
         }
-        Some(Acked {
-            cursor: seq,
-            receipts,
-        })
+        Some(Acked { cursor: seq, receipts, group_receipts })
     }
 }
 
@@ -111,11 +119,26 @@ impl Delivery {
 mod tests {
     use super::*;
 
+    fn direct(s: &str) -> Option<ReceiptTarget> {
+        Some(ReceiptTarget::Direct(s.to_owned()))
+    }
+
+    #[test]
+    fn group_items_produce_group_receipts_by_group_sid() {
+        let mut d = Delivery::new(0, 8);
+        d.mark_sent(7, Some(ReceiptTarget::Group("g".into(), 100)));
+        d.mark_sent(9, Some(ReceiptTarget::Group("g".into(), 101)));
+        d.mark_sent(10, direct("a"));
+        let got = d.ack(10).unwrap();
+        assert_eq!(got.group_receipts, vec![("g".to_owned(), 101)]);
+        assert_eq!(got.receipts, vec![("a".to_owned(), 10)]);
+    }
+
     #[test]
     fn live_copies_after_a_drain_are_deduplicated() {
         let mut d = Delivery::new(0, 8);
-        d.mark_sent(3, Some("a"));
-        d.mark_sent(5, Some("a"));
+        d.mark_sent(3, direct("a"));
+        d.mark_sent(5, direct("a"));
         assert_eq!(d.classify_live(5, 3), Live::Duplicate);
         assert_eq!(d.classify_live(4, 0), Live::Duplicate);
         assert_eq!(d.classify_live(9, 5), Live::Deliver);
@@ -126,25 +149,22 @@ mod tests {
     #[test]
     fn acks_are_cumulative_clamped_and_produce_one_receipt_per_sender() {
         let mut d = Delivery::new(10, 8);
-        d.mark_sent(11, Some("a"));
-        d.mark_sent(12, Some("b"));
+        d.mark_sent(11, direct("a"));
+        d.mark_sent(12, direct("b"));
         d.mark_sent(13, None);
-        d.mark_sent(14, Some("a"));
+        d.mark_sent(14, direct("a"));
         assert_eq!(d.ack(9), None);
         let got = d.ack(100).unwrap();
         assert_eq!(got.cursor, 14);
-        assert_eq!(
-            got.receipts,
-            vec![("a".to_owned(), 14), ("b".to_owned(), 12)]
-        );
+        assert_eq!(got.receipts, vec![("a".to_owned(), 14), ("b".to_owned(), 12)]);
         assert_eq!(d.ack(14), None);
     }
 
     #[test]
     fn partial_ack_keeps_the_rest() {
         let mut d = Delivery::new(0, 8);
-        d.mark_sent(1, Some("a"));
-        d.mark_sent(2, Some("a"));
+        d.mark_sent(1, direct("a"));
+        d.mark_sent(2, direct("a"));
         assert_eq!(d.ack(1).unwrap().receipts, vec![("a".to_owned(), 1)]);
         assert_eq!(d.ack(2).unwrap().receipts, vec![("a".to_owned(), 2)]);
     }
@@ -153,7 +173,7 @@ mod tests {
     fn tracking_is_bounded() {
         let mut d = Delivery::new(0, 2);
         for s in 1..=5 {
-            d.mark_sent(s, Some(if s == 1 { "old" } else { "new" }));
+            d.mark_sent(s, direct(if s == 1 { "old" } else { "new" }));
         }
         let got = d.ack(5).unwrap();
         assert_eq!(got.receipts, vec![("new".to_owned(), 5)]);

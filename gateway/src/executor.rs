@@ -35,11 +35,7 @@ pub struct ExecCtx {
 
 impl ExecCtx {
     pub fn register(&self, user: &UserId, outbox: &Rc<Outbox>) {
-        self.sessions
-            .borrow_mut()
-            .entry(user.clone())
-            .or_default()
-            .push(outbox.clone());
+        self.sessions.borrow_mut().entry(user.clone()).or_default().push(outbox.clone());
     }
 
     pub fn unregister(&self, user: &UserId, outbox: &Rc<Outbox>) {
@@ -54,19 +50,10 @@ impl ExecCtx {
 
     fn dispatch(&self, ev: ExecEvent) {
         match ev {
-            ExecEvent::Live {
-                user,
-                seq,
-                prev,
-                payload,
-            } => {
+            ExecEvent::Live { user, seq, prev, payload } => {
                 if let Some(list) = self.sessions.borrow().get(&user) {
                     for o in list {
-                        o.push(LiveCopy {
-                            seq,
-                            prev,
-                            payload: payload.clone(),
-                        });
+                        o.push(LiveCopy { seq, prev, payload: payload.clone() });
                     }
                 }
             }
@@ -93,11 +80,8 @@ impl ExecCtx {
 pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>) {
     // Tasks that are woken from the bridge thread must sit in a latency-sensitive queue: a
     // cross-thread wake-up into a NotImportant queue can take tens of milliseconds.
-    let tq: TaskQueueHandle = glommio::executor().create_task_queue(
-        Shares::default(),
-        Latency::Matters(Duration::from_millis(1)),
-        "conn",
-    );
+    let tq: TaskQueueHandle =
+        glommio::executor().create_task_queue(Shares::default(), Latency::Matters(Duration::from_millis(1)), "conn");
 
     let dispatcher = {
         let ctx = ctx.clone();
@@ -123,9 +107,7 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>) {
     };
     tracing::info!(executor = ctx.id, addr = %ctx.cfg.listen, "listening");
     loop {
-        let accepted =
-            futures::future::select(Box::pin(listener.accept()), Box::pin(wait_draining(&ctx)))
-                .await;
+        let accepted = futures::future::select(Box::pin(listener.accept()), Box::pin(wait_draining(&ctx))).await;
         match accepted {
             futures::future::Either::Left((Ok(stream), _)) => {
                 let ctx = ctx.clone();
@@ -149,9 +131,7 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>) {
     drop(listener);
     // Wait for the connections to go (they were kicked) and for in-flight sends to be acked.
     let deadline = std::time::Instant::now() + Duration::from_secs(ctx.cfg.drain_timeout_secs);
-    while (ctx.session_count() > 0 || ctx.inflight.get() > 0)
-        && std::time::Instant::now() < deadline
-    {
+    while (ctx.session_count() > 0 || ctx.inflight.get() > 0) && std::time::Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -171,9 +151,7 @@ impl ExecCtx {
         metrics: Arc<Metrics>,
         gateway_id: Arc<str>,
     ) -> Self {
-        let limits = protocol::Limits {
-            max_body: cfg.max_body,
-        };
+        let limits = protocol::Limits { max_body: cfg.max_body };
         ExecCtx {
             id,
             cfg,

@@ -13,10 +13,7 @@ pub enum Request {
     /// A WebSocket upgrade on `/ws`.
     Upgrade(Upgrade),
     /// `GET /dev/token?user=..&device=..` (answered only in dev mode).
-    DevToken {
-        user: String,
-        device: Option<String>,
-    },
+    DevToken { user: String, device: Option<String> },
     /// Anything else: answer with this status and reason.
     Refuse(u16, &'static str),
 }
@@ -67,26 +64,16 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, &'static str> 
     let request = match path {
         "/ws" | "/" => {
             let is_upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-                && header("connection").is_some_and(|v| {
-                    v.split(',')
-                        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-                });
+                && header("connection").is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
             if !is_upgrade {
                 Request::Refuse(426, "Upgrade Required")
             } else if header("sec-websocket-version") != Some("13") {
                 Request::Refuse(400, "Bad Request")
             } else if let Some(key) = header("sec-websocket-key") {
-                if let Some(bearer) =
-                    header("authorization").and_then(|v| v.strip_prefix("Bearer "))
-                {
+                if let Some(bearer) = header("authorization").and_then(|v| v.strip_prefix("Bearer ")) {
                     token = Some(bearer.trim().to_owned());
                 }
-                Request::Upgrade(Upgrade {
-                    key: key.to_owned(),
-                    token: token.unwrap_or_default(),
-                    device,
-                    since,
-                })
+                Request::Upgrade(Upgrade { key: key.to_owned(), token: token.unwrap_or_default(), device, since })
             } else {
                 Request::Refuse(400, "Bad Request")
             }
@@ -173,9 +160,7 @@ mod tests {
     #[test]
     fn bearer_header_wins_over_query() {
         let head = UPGRADE.replace("Host: x\r\n", "Host: x\r\nAuthorization: Bearer zzz\r\n");
-        let Request::Upgrade(up) = parse_head(head.as_bytes()).unwrap().unwrap().0 else {
-            panic!()
-        };
+        let Request::Upgrade(up) = parse_head(head.as_bytes()).unwrap().unwrap().0 else { panic!() };
         assert_eq!(up.token, "zzz");
     }
 
@@ -194,33 +179,19 @@ mod tests {
 
     #[test]
     fn dev_token_request() {
-        let (req, _) = parse_head(b"GET /dev/token?user=al%69ce HTTP/1.1\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            req,
-            Request::DevToken {
-                user: "alice".into(),
-                device: None
-            }
-        );
+        let (req, _) = parse_head(b"GET /dev/token?user=al%69ce HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(req, Request::DevToken { user: "alice".into(), device: None });
     }
 
     #[test]
     fn accept_key_matches_rfc_example() {
-        assert!(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==")
-            .contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+        assert!(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==").contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
     }
 
     #[test]
     fn authentication_picks_the_device() {
         let keys = TokenKeys::hs256(b"0123456789abcdef", 0);
-        let mut up = Upgrade {
-            key: "k".into(),
-            token: keys.mint("al", None, 60),
-            device: None,
-            since: None,
-        };
+        let mut up = Upgrade { key: "k".into(), token: keys.mint("al", None, 60), device: None, since: None };
         assert_eq!(authenticate(&keys, &up).unwrap().1.as_str(), "default");
         up.device = Some("tab".into());
         assert_eq!(authenticate(&keys, &up).unwrap().1.as_str(), "tab");

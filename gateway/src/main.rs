@@ -22,11 +22,7 @@ fn main() -> anyhow::Result<()> {
     telemetry::init_logging("gateway");
     let (cfg, secret) = config::Config::load()?;
     let cfg = Arc::new(cfg);
-    let gateway_id: Arc<str> = cfg
-        .gateway_id
-        .clone()
-        .unwrap_or_else(|| format!("gw-{:08x}", rand_u32()))
-        .into();
+    let gateway_id: Arc<str> = cfg.gateway_id.clone().unwrap_or_else(|| format!("gw-{:08x}", rand_u32())).into();
     let keys = Arc::new(protocol::TokenKeys::hs256(&secret, cfg.token_leeway_secs));
     let metrics = Arc::new(metrics::Metrics::new(&gateway_id));
     let health = Arc::new(telemetry::Health::default());
@@ -50,30 +46,17 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let online = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut handles = Vec::new();
     for (id, events) in exec_events.into_iter().enumerate() {
-        let (cfg, keys, bridge, metrics, gateway_id) = (
-            cfg.clone(),
-            keys.clone(),
-            bridge.clone(),
-            metrics.clone(),
-            gateway_id.clone(),
-        );
-        let placement = if cores <= online {
-            Placement::Fixed(id)
-        } else {
-            Placement::Unbound
-        };
+        let (cfg, keys, bridge, metrics, gateway_id) =
+            (cfg.clone(), keys.clone(), bridge.clone(), metrics.clone(), gateway_id.clone());
+        let placement = if cores <= online { Placement::Fixed(id) } else { Placement::Unbound };
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("gateway-{id}"))
             .io_memory(cfg.io_memory)
             .spawn(move || async move {
-                let ctx = Rc::new(executor::ExecCtx::new(
-                    id, cfg, keys, bridge, metrics, gateway_id,
-                ));
+                let ctx = Rc::new(executor::ExecCtx::new(id, cfg, keys, bridge, metrics, gateway_id));
                 executor::run(ctx, events).await
             })
             .map_err(|e| anyhow::anyhow!("starting executor {id}: {e}"))?;
@@ -96,13 +79,10 @@ fn main() -> anyhow::Result<()> {
 
 /// Blocks until SIGTERM or SIGINT.
 fn wait_for_signal() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("signal runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("signal runtime");
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -113,11 +93,6 @@ fn wait_for_signal() {
 fn rand_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     h.finish() as u32
 }

@@ -73,41 +73,13 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register(
-            "gateway_connections_open",
-            "Open WebSocket connections",
-            m.connections_open.clone(),
-        );
-        r.register(
-            "gateway_connections_accepted",
-            "Accepted TCP connections",
-            m.connections_accepted.clone(),
-        );
-        r.register(
-            "gateway_connections_closed",
-            "Closed connections by reason",
-            m.connections_closed.clone(),
-        );
-        r.register(
-            "gateway_handshake_failures",
-            "Refused or failed handshakes by cause",
-            m.handshake_failures.clone(),
-        );
-        r.register(
-            "gateway_frames_in",
-            "Frames received from clients",
-            m.frames_in.clone(),
-        );
-        r.register(
-            "gateway_frames_out",
-            "Frames sent to clients",
-            m.frames_out.clone(),
-        );
-        r.register(
-            "gateway_frame_errors",
-            "Client frames answered with an error, by code",
-            m.frame_errors.clone(),
-        );
+        r.register("gateway_connections_open", "Open WebSocket connections", m.connections_open.clone());
+        r.register("gateway_connections_accepted", "Accepted TCP connections", m.connections_accepted.clone());
+        r.register("gateway_connections_closed", "Closed connections by reason", m.connections_closed.clone());
+        r.register("gateway_handshake_failures", "Refused or failed handshakes by cause", m.handshake_failures.clone());
+        r.register("gateway_frames_in", "Frames received from clients", m.frames_in.clone());
+        r.register("gateway_frames_out", "Frames sent to clients", m.frames_out.clone());
+        r.register("gateway_frame_errors", "Client frames answered with an error, by code", m.frame_errors.clone());
         r.register(
             "gateway_messages_published",
             "Messages stored in JetStream for clients",
@@ -118,11 +90,7 @@ impl Metrics {
             "Sends that were retries of stored messages",
             m.messages_duplicate.clone(),
         );
-        r.register(
-            "gateway_publish_errors",
-            "Publishes JetStream did not acknowledge",
-            m.publish_errors.clone(),
-        );
+        r.register("gateway_publish_errors", "Publishes JetStream did not acknowledge", m.publish_errors.clone());
         r.register_with_unit(
             "gateway_publish_ack",
             "Time from publish to JetStream's PubAck",
@@ -141,42 +109,17 @@ impl Metrics {
             m.send_to_deliver_seconds.clone(),
         );
         r.register("gateway_acks", "Delivery acks received", m.acks.clone());
-        r.register(
-            "gateway_receipts_published",
-            "Delivery receipts stored for senders",
-            m.receipts_published.clone(),
-        );
-        r.register(
-            "gateway_cursor_writes",
-            "Device cursor writes to the KV bucket",
-            m.cursor_writes.clone(),
-        );
-        r.register(
-            "gateway_inbox_drain_items",
-            "Items sent per inbox drain",
-            m.drain_items.clone(),
-        );
-        r.register_with_unit(
-            "gateway_inbox_drain",
-            "Duration of inbox drains",
-            Unit::Seconds,
-            m.drain_seconds.clone(),
-        );
+        r.register("gateway_receipts_published", "Delivery receipts stored for senders", m.receipts_published.clone());
+        r.register("gateway_cursor_writes", "Device cursor writes to the KV bucket", m.cursor_writes.clone());
+        r.register("gateway_inbox_drain_items", "Items sent per inbox drain", m.drain_items.clone());
+        r.register_with_unit("gateway_inbox_drain", "Duration of inbox drains", Unit::Seconds, m.drain_seconds.clone());
         r.register(
             "gateway_resyncs",
             "Connections resynced from the inbox after a gap in the live path",
             m.resyncs.clone(),
         );
-        r.register(
-            "gateway_nats_reconnects",
-            "Reconnections to NATS",
-            m.nats_reconnects.clone(),
-        );
-        r.register(
-            "gateway_nats_slow_consumers",
-            "Slow consumer events from NATS",
-            m.nats_slow_consumers.clone(),
-        );
+        r.register("gateway_nats_reconnects", "Reconnections to NATS", m.nats_reconnects.clone());
+        r.register("gateway_nats_slow_consumers", "Slow consumer events from NATS", m.nats_slow_consumers.clone());
         r.register(
             "gateway_live_subscriptions",
             "Live NATS subscriptions (one per connected user)",
@@ -188,22 +131,17 @@ impl Metrics {
             Unit::Bytes,
             m.resident.clone(),
         );
-        let info =
-            prometheus_client::metrics::info::Info::new([("gateway_id", gateway_id.to_owned())]);
+        let info = prometheus_client::metrics::info::Info::new([("gateway_id", gateway_id.to_owned())]);
         r.register("gateway_build", "Gateway identity", info);
         Metrics { registry, ..m }
     }
 
     pub fn closed(&self, reason: &'static str) {
-        self.connections_closed
-            .get_or_create(&[("reason", reason)])
-            .inc();
+        self.connections_closed.get_or_create(&[("reason", reason)]).inc();
     }
 
     pub fn handshake_failed(&self, cause: &'static str) {
-        self.handshake_failures
-            .get_or_create(&[("cause", cause)])
-            .inc();
+        self.handshake_failures.get_or_create(&[("cause", cause)]).inc();
     }
 
     pub fn frame_error(&self, code: &'static str) {
@@ -226,11 +164,7 @@ impl Metrics {
 /// Resident set size from /proc/self/statm (pages × page size).
 pub fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
     pages * page

@@ -104,11 +104,7 @@ mod tests {
     use super::*;
 
     fn copy(seq: u64) -> LiveCopy {
-        LiveCopy {
-            seq,
-            prev: 0,
-            payload: Bytes::new(),
-        }
+        LiveCopy { seq, prev: 0, payload: Bytes::new() }
     }
 
     #[test]
@@ -118,10 +114,7 @@ mod tests {
         o.push(copy(2));
         o.push(copy(3));
         assert!(o.take_resync());
-        assert!(
-            o.take_all().is_empty(),
-            "a resync supersedes what was queued"
-        );
+        assert!(o.take_all().is_empty(), "a resync supersedes what was queued");
         assert!(!o.take_resync());
     }
 

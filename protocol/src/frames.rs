@@ -6,7 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClientMsgId, UserId};
+use crate::groups::{GroupOp, GroupState, GroupSummary, MAX_NAME};
+use crate::ids::{ClientMsgId, GroupId, UserId};
 
 /// Limits applied while decoding a client frame.
 #[derive(Debug, Clone, Copy)]
@@ -17,9 +18,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_body: 32 * 1024,
-        }
+        Limits { max_body: 32 * 1024 }
     }
 }
 
@@ -27,15 +26,26 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
     /// Send a 1:1 message.
-    Send {
-        id: ClientMsgId,
-        to: UserId,
-        body: String,
-    },
+    Send { id: ClientMsgId, to: UserId, body: String },
     /// Cumulative delivery ack: this device has every inbox item with `seq` <= this.
     Ack { seq: u64 },
     /// Application heartbeat; answered with `pong`.
     Ping,
+    /// A membership operation, answered with `group`, `groups` or `error`.
+    Group { id: ClientMsgId, op: GroupOp },
+    /// Send a message to a group.
+    GroupSend { id: ClientMsgId, group: GroupId, body: String },
+    /// Read receipt: the user has read the conversation up to `up_to` (a `sid`).
+    Read { conv: Conversation, up_to: u64 },
+    /// Who has received and read group message `sid`.
+    WhoRead { id: ClientMsgId, group: GroupId, sid: u64 },
+}
+
+/// A conversation: with one user, or a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conversation {
+    Direct(UserId),
+    Group(GroupId),
 }
 
 #[derive(Deserialize)]
@@ -50,10 +60,53 @@ enum RawFrame {
         seq: u64,
     },
     Ping,
+    GroupCreate {
+        id: String,
+        name: String,
+        members: Vec<String>,
+    },
+    GroupAdd {
+        id: String,
+        group: String,
+        members: Vec<String>,
+    },
+    GroupRemove {
+        id: String,
+        group: String,
+        members: Vec<String>,
+    },
+    GroupLeave {
+        id: String,
+        group: String,
+    },
+    GroupInfo {
+        id: String,
+        group: String,
+    },
+    Groups {
+        id: String,
+    },
+    Gsend {
+        id: String,
+        group: String,
+        body: String,
+    },
+    Read {
+        #[serde(default)]
+        conv: Option<String>,
+        #[serde(default)]
+        group: Option<String>,
+        up_to: u64,
+    },
+    Receipts {
+        id: String,
+        group: String,
+        sid: u64,
+    },
 }
 
 /// Machine-readable error codes, stable across versions (PROTOCOL.md lists them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// Not valid JSON (or not UTF-8 text).
@@ -70,6 +123,12 @@ pub enum ErrorCode {
     BinaryUnsupported,
     /// Too many frames; slow down.
     RateLimited,
+    /// The group (or the message asked about) does not exist.
+    NotFound,
+    /// Not allowed: not a member of the group, or not an admin of it.
+    Forbidden,
+    /// A limit would be exceeded (members per group, for example).
+    LimitExceeded,
     /// The backbone is unavailable; retry later with the same message id.
     Unavailable,
     /// An unexpected server failure; retry later with the same message id.
@@ -109,34 +168,18 @@ pub fn decode_client_frame(bytes: &[u8], limits: &Limits) -> Result<ClientFrame,
             Category::Data if text.starts_with("missing field") => ErrorCode::MissingField,
             Category::Data => ErrorCode::BadField,
         };
-        let id = if code == ErrorCode::BadJson {
-            None
-        } else {
-            id_of(bytes)
-        };
-        DecodeError {
-            code,
-            msg: text,
-            id,
-        }
+        let id = if code == ErrorCode::BadJson { None } else { id_of(bytes) };
+        DecodeError { code, msg: text, id }
     })?;
     match raw {
         RawFrame::Send { id, to, body } => {
-            let bad = |msg: String, id: Option<String>| DecodeError {
-                code: ErrorCode::BadField,
-                msg,
-                id,
-            };
+            let bad = |msg: String, id: Option<String>| DecodeError { code: ErrorCode::BadField, msg, id };
             let cid = ClientMsgId::parse(&id).map_err(|e| bad(format!("id: {e}"), None))?;
             let to = UserId::parse(&to).map_err(|e| bad(format!("to: {e}"), Some(id.clone())))?;
             if body.len() > limits.max_body {
                 return Err(DecodeError {
                     code: ErrorCode::TooLarge,
-                    msg: format!(
-                        "body is {} bytes, the limit is {}",
-                        body.len(),
-                        limits.max_body
-                    ),
+                    msg: format!("body is {} bytes, the limit is {}", body.len(), limits.max_body),
                     id: Some(id),
                 });
             }
@@ -144,7 +187,87 @@ pub fn decode_client_frame(bytes: &[u8], limits: &Limits) -> Result<ClientFrame,
         }
         RawFrame::Ack { seq } => Ok(ClientFrame::Ack { seq }),
         RawFrame::Ping => Ok(ClientFrame::Ping),
+        RawFrame::GroupCreate { id, name, members } => {
+            let cid = client_id(&id)?;
+            if name.trim().is_empty() || name.len() > MAX_NAME {
+                return Err(bad_field(format!("name must be 1 to {MAX_NAME} bytes"), &id));
+            }
+            let members = user_list(&members, &id)?;
+            Ok(ClientFrame::Group { id: cid, op: GroupOp::Create { name, members } })
+        }
+        RawFrame::GroupAdd { id, group, members } => {
+            let (cid, group) = (client_id(&id)?, group_id(&group, &id)?);
+            let members = user_list(&members, &id)?;
+            Ok(ClientFrame::Group { id: cid, op: GroupOp::Add { group, members } })
+        }
+        RawFrame::GroupRemove { id, group, members } => {
+            let (cid, group) = (client_id(&id)?, group_id(&group, &id)?);
+            let members = user_list(&members, &id)?;
+            Ok(ClientFrame::Group { id: cid, op: GroupOp::Remove { group, members } })
+        }
+        RawFrame::GroupLeave { id, group } => {
+            let (cid, group) = (client_id(&id)?, group_id(&group, &id)?);
+            Ok(ClientFrame::Group { id: cid, op: GroupOp::Leave { group } })
+        }
+        RawFrame::GroupInfo { id, group } => {
+            let (cid, group) = (client_id(&id)?, group_id(&group, &id)?);
+            Ok(ClientFrame::Group { id: cid, op: GroupOp::Info { group } })
+        }
+        RawFrame::Groups { id } => Ok(ClientFrame::Group { id: client_id(&id)?, op: GroupOp::List }),
+        RawFrame::Gsend { id, group, body } => {
+            let cid = client_id(&id)?;
+            let group = GroupId::parse(&group).map_err(|e| bad_field(format!("group: {e}"), &id))?;
+            if body.len() > limits.max_body {
+                return Err(DecodeError {
+                    code: ErrorCode::TooLarge,
+                    msg: format!("body is {} bytes, the limit is {}", body.len(), limits.max_body),
+                    id: Some(id),
+                });
+            }
+            Ok(ClientFrame::GroupSend { id: cid, group, body })
+        }
+        RawFrame::Read { conv, group, up_to } => {
+            let bad = |msg: &str| DecodeError { code: ErrorCode::BadField, msg: msg.to_owned(), id: None };
+            let conv = match (conv, group) {
+                (Some(c), None) => Conversation::Direct(UserId::parse(&c).map_err(|e| bad(&format!("conv: {e}")))?),
+                (None, Some(g)) => Conversation::Group(GroupId::parse(&g).map_err(|e| bad(&format!("group: {e}")))?),
+                _ => return Err(bad("exactly one of conv and group is required")),
+            };
+            Ok(ClientFrame::Read { conv, up_to })
+        }
+        RawFrame::Receipts { id, group, sid } => {
+            let cid = client_id(&id)?;
+            let group = GroupId::parse(&group).map_err(|e| bad_field(format!("group: {e}"), &id))?;
+            Ok(ClientFrame::WhoRead { id: cid, group, sid })
+        }
     }
+}
+
+fn bad_field(msg: String, id: &str) -> DecodeError {
+    DecodeError { code: ErrorCode::BadField, msg, id: Some(id.to_owned()) }
+}
+
+fn client_id(id: &str) -> Result<ClientMsgId, DecodeError> {
+    ClientMsgId::parse(id).map_err(|e| DecodeError { code: ErrorCode::BadField, msg: format!("id: {e}"), id: None })
+}
+
+fn group_id(group: &str, id: &str) -> Result<String, DecodeError> {
+    GroupId::parse(group).map(|g| g.to_string()).map_err(|e| bad_field(format!("group: {e}"), id))
+}
+
+/// Validates a list of user ids (at most the largest group size, each a valid id).
+fn user_list(members: &[String], id: &str) -> Result<Vec<String>, DecodeError> {
+    if members.len() > crate::groups::DEFAULT_MAX_MEMBERS {
+        return Err(DecodeError {
+            code: ErrorCode::LimitExceeded,
+            msg: format!("at most {} members per request", crate::groups::DEFAULT_MAX_MEMBERS),
+            id: Some(id.to_owned()),
+        });
+    }
+    members
+        .iter()
+        .map(|m| UserId::parse(m).map(|u| u.to_string()).map_err(|e| bad_field(format!("members: {e}"), id)))
+        .collect()
 }
 
 /// Frames the server sends, other than stored inbox items (see [`render_item`]).
@@ -183,6 +306,25 @@ pub enum ServerFrame<'a> {
     /// The server is going away; reconnect (with backoff) to another gateway.
     Reconnect {
         reason: &'a str,
+    },
+    /// Answer to a group operation: the group as it is now.
+    Group {
+        id: &'a str,
+        group: &'a GroupState,
+    },
+    /// Answer to `groups`: the user's groups.
+    Groups {
+        id: &'a str,
+        groups: &'a [GroupSummary],
+    },
+    /// Answer to `receipts`: who has received and who has read group message `sid`.
+    Receipts {
+        id: &'a str,
+        group: &'a str,
+        sid: u64,
+        recipients: usize,
+        delivered: &'a [String],
+        read: &'a [String],
     },
 }
 
@@ -224,10 +366,7 @@ mod tests {
                 body: "hi".into()
             }
         );
-        assert_eq!(
-            dec(r#"{"t":"ack","seq":5}"#).unwrap(),
-            ClientFrame::Ack { seq: 5 }
-        );
+        assert_eq!(dec(r#"{"t":"ack","seq":5}"#).unwrap(), ClientFrame::Ack { seq: 5 });
         assert_eq!(dec(r#"{"t":"ping"}"#).unwrap(), ClientFrame::Ping);
     }
 
@@ -238,20 +377,11 @@ mod tests {
         assert_eq!(code("[]"), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"t":"nope"}"#), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"id":"x"}"#), ErrorCode::UnknownType);
-        assert_eq!(
-            code(r#"{"t":"send","id":"c","to":"b"}"#),
-            ErrorCode::MissingField
-        );
+        assert_eq!(code(r#"{"t":"send","id":"c","to":"b"}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"t":"ack","seq":"x"}"#), ErrorCode::BadField);
         assert_eq!(code(r#"{"t":"ack","seq":-1}"#), ErrorCode::BadField);
-        assert_eq!(
-            code(r#"{"t":"send","id":"c","to":"a.b","body":""}"#),
-            ErrorCode::BadField
-        );
-        assert_eq!(
-            code(r#"{"t":"send","id":"a b","to":"b","body":""}"#),
-            ErrorCode::BadField
-        );
+        assert_eq!(code(r#"{"t":"send","id":"c","to":"a.b","body":""}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"t":"send","id":"a b","to":"b","body":""}"#), ErrorCode::BadField);
     }
 
     #[test]
@@ -260,6 +390,33 @@ mod tests {
         assert_eq!(e.id.as_deref(), Some("c9"));
         let e = dec(r#"{"t":"send","id":"c9","to":"bad.user","body":""}"#).unwrap_err();
         assert_eq!(e.id.as_deref(), Some("c9"));
+    }
+
+    #[test]
+    fn decodes_group_frames() {
+        let f = dec(r#"{"t":"group_create","id":"c","name":"Fr","members":["b","c"]}"#).unwrap();
+        assert_eq!(
+            f,
+            ClientFrame::Group {
+                id: ClientMsgId::parse("c").unwrap(),
+                op: GroupOp::Create { name: "Fr".into(), members: vec!["b".into(), "c".into()] }
+            }
+        );
+        assert!(matches!(dec(r#"{"t":"groups","id":"c"}"#).unwrap(), ClientFrame::Group { op: GroupOp::List, .. }));
+        assert!(matches!(
+            dec(r#"{"t":"gsend","id":"c","group":"g1","body":"x"}"#).unwrap(),
+            ClientFrame::GroupSend { .. }
+        ));
+        assert_eq!(
+            dec(r#"{"t":"read","group":"g1","up_to":4}"#).unwrap(),
+            ClientFrame::Read { conv: Conversation::Group(GroupId::parse("g1").unwrap()), up_to: 4 }
+        );
+        let code = |s: &str| dec(s).unwrap_err().code;
+        assert_eq!(code(r#"{"t":"read","up_to":4}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"t":"read","conv":"a","group":"g","up_to":4}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"t":"group_create","id":"c","name":"","members":[]}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"t":"group_add","id":"c","group":"g","members":["a.b"]}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"t":"gsend","id":"c","group":"g>","body":""}"#), ErrorCode::BadField);
     }
 
     #[test]
@@ -272,38 +429,16 @@ mod tests {
 
     #[test]
     fn renders_items_and_frames() {
-        assert_eq!(
-            render_item(3, br#"{"k":"chat"}"#),
-            r#"{"t":"msg","seq":3,"m":{"k":"chat"}}"#
-        );
-        let e = ServerFrame::Error {
-            code: ErrorCode::BadJson,
-            msg: "x",
-            id: None,
-        };
+        assert_eq!(render_item(3, br#"{"k":"chat"}"#), r#"{"t":"msg","seq":3,"m":{"k":"chat"}}"#);
+        let e = ServerFrame::Error { code: ErrorCode::BadJson, msg: "x", id: None };
         assert_eq!(e.to_json(), r#"{"t":"error","code":"bad_json","msg":"x"}"#);
-        let s = ServerFrame::Sent {
-            id: "c",
-            sid: 1,
-            ts: 2,
-            dup: false,
-        };
-        assert_eq!(
-            s.to_json(),
-            r#"{"t":"sent","id":"c","sid":1,"ts":2,"dup":false}"#
-        );
+        let s = ServerFrame::Sent { id: "c", sid: 1, ts: 2, dup: false };
+        assert_eq!(s.to_json(), r#"{"t":"sent","id":"c","sid":1,"ts":2,"dup":false}"#);
     }
 
     #[test]
     fn never_panics_on_junk() {
-        for s in [
-            "",
-            "\u{0}",
-            "null",
-            "1",
-            r#"{"t":1}"#,
-            r#"{"t":"send","id":1,"to":[],"body":{}}"#,
-        ] {
+        for s in ["", "\u{0}", "null", "1", r#"{"t":1}"#, r#"{"t":"send","id":1,"to":[],"body":{}}"#] {
             let _ = dec(s);
         }
         let _ = decode_client_frame(&[0xff, 0xfe], &Limits::default());

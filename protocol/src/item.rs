@@ -10,24 +10,22 @@ pub enum InboxItem {
     /// A 1:1 chat message. `from`/`dev` are stamped by the gateway from the authenticated
     /// session, never taken from the client; `id` is the sender's client message id; `ts` is the
     /// gateway's clock when it accepted the message.
-    Chat {
-        from: String,
-        dev: String,
-        id: String,
-        body: String,
-        ts: u64,
-    },
+    Chat { from: String, dev: String, id: String, body: String, ts: u64 },
+    /// A group message: `sid` is its position in the group's timeline (the group stream
+    /// sequence, the same for every member), `n` how many members it was sent to.
+    Group { group: String, from: String, dev: String, id: String, sid: u64, n: u32, body: String, ts: u64 },
+    /// A membership change in the group's timeline: `event` is `created`, `added`, `removed` or
+    /// `left`; `members` are the users it concerns.
+    GroupEvent { group: String, sid: u64, event: String, by: String, members: Vec<String>, name: String, ts: u64 },
+    /// Aggregate tick for the sender of group message `sid`: every recipient has reached
+    /// `status`.
+    GroupReceipt { group: String, sid: u64, status: ReceiptStatus, ts: u64 },
     /// A receipt for messages this user sent to `from`: every message of this user's to `from`
     /// with a server id (`sid`) up to and including `up_to` has reached `status`.
-    Receipt {
-        from: String,
-        status: ReceiptStatus,
-        up_to: u64,
-        ts: u64,
-    },
+    Receipt { from: String, status: ReceiptStatus, up_to: u64, ts: u64 },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReceiptStatus {
     /// Two ticks: a device of the recipient has the message.
@@ -59,7 +57,7 @@ impl InboxItem {
     pub fn receipt_target(&self) -> Option<&str> {
         match self {
             InboxItem::Chat { from, .. } => Some(from),
-            InboxItem::Receipt { .. } => None,
+            _ => None,
         }
     }
 }
@@ -88,12 +86,7 @@ mod tests {
 
     #[test]
     fn receipt_item_wire_form() {
-        let item = InboxItem::Receipt {
-            from: "bob".into(),
-            status: ReceiptStatus::Delivered,
-            up_to: 42,
-            ts: 9,
-        };
+        let item = InboxItem::Receipt { from: "bob".into(), status: ReceiptStatus::Delivered, up_to: 42, ts: 9 };
         assert_eq!(
             String::from_utf8(item.to_bytes()).unwrap(),
             r#"{"k":"receipt","from":"bob","status":"delivered","up_to":42,"ts":9}"#

@@ -3,22 +3,20 @@
 //! verification. Pure functions only, so it is unit-tested and fuzzed in isolation.
 
 pub mod frames;
+pub mod groups;
 pub mod ids;
 pub mod item;
 pub mod subjects;
 pub mod token;
 
 pub use frames::{
-    decode_client_frame, render_item, ClientFrame, DecodeError, ErrorCode, Limits, ServerFrame,
+    decode_client_frame, render_item, ClientFrame, Conversation, DecodeError, ErrorCode, Limits, ServerFrame,
 };
-pub use ids::{ClientMsgId, DeviceId, IdError, UserId};
+pub use ids::{ClientMsgId, DeviceId, GroupId, IdError, UserId};
 pub use item::InboxItem;
 pub use token::{Claims, Identity, TokenError, TokenKeys};
 
 /// Milliseconds since the Unix epoch, the one timestamp unit on the wire.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -12,6 +12,38 @@ pub const LIVE_PREFIX: &str = "live";
 /// KV bucket of per-device delivery cursors, keyed `<user>.<device>`.
 pub const CURSORS_BUCKET: &str = "cursors";
 
+/// The stream of group sends and membership events, `group.<group id>`. Stored under a
+/// partitioned subject `group.<partition>.<group id>` (a subject transform on the stream), so
+/// that router instances can split the partitions between them while each group stays in one.
+pub const GROUPS_STREAM: &str = "GROUPS";
+pub const GROUP_SUBJECTS: &str = "group.*";
+/// Partitions of the group stream (fixed when the stream is created).
+pub const GROUP_PARTITIONS: u32 = 8;
+/// KV bucket of group state, keyed by group id (JSON `GroupState`).
+pub const GROUPS_BUCKET: &str = "groups";
+/// KV bucket of each user's groups, keyed by user id (JSON list of group ids).
+pub const MEMBERSHIPS_BUCKET: &str = "memberships";
+/// Request subject of the router's membership service (queue group `router`).
+pub const GROUP_SERVICE: &str = "svc.groups";
+/// The stream of group receipt events (`receipts.<group id>`), aggregated by storage.
+pub const RECEIPTS_STREAM: &str = "RECEIPTS";
+pub const RECEIPT_SUBJECTS: &str = "receipts.*";
+/// Request subject of storage's "who received / read this group message" query.
+pub const RECEIPT_QUERY_SERVICE: &str = "svc.receipts";
+
+pub fn group(gid: &crate::ids::GroupId) -> String {
+    format!("group.{gid}")
+}
+
+/// The stored subjects of one partition of the group stream.
+pub fn group_partition_filter(partition: u32) -> String {
+    format!("group.{partition}.*")
+}
+
+pub fn receipts(gid: &str) -> String {
+    format!("receipts.{gid}")
+}
+
 pub fn inbox(user: &UserId) -> String {
     format!("inbox.{user}")
 }
@@ -46,10 +78,7 @@ mod tests {
         let d = DeviceId::parse("phone").unwrap();
         assert_eq!(inbox(&u), "inbox.bob");
         assert_eq!(user_of(&live(&u)), Some("bob"));
-        assert_eq!(
-            parse_cursor_key(&cursor_key(&u, &d)),
-            Some(("bob", "phone"))
-        );
+        assert_eq!(parse_cursor_key(&cursor_key(&u, &d)), Some(("bob", "phone")));
         assert_eq!(user_of("live"), None);
         assert_eq!(parse_cursor_key("bob."), None);
     }

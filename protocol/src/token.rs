@@ -62,22 +62,17 @@ impl TokenKeys {
         validation.leeway = leeway_s;
         validation.validate_exp = true;
         validation.required_spec_claims = ["exp", "sub"].iter().map(|s| s.to_string()).collect();
-        TokenKeys {
-            enc: EncodingKey::from_secret(secret),
-            dec: DecodingKey::from_secret(secret),
-            validation,
-        }
+        TokenKeys { enc: EncodingKey::from_secret(secret), dec: DecodingKey::from_secret(secret), validation }
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         if token.is_empty() {
             return Err(TokenError::Missing);
         }
-        let data =
-            decode::<Claims>(token, &self.dec, &self.validation).map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
-                _ => TokenError::Invalid,
-            })?;
+        let data = decode::<Claims>(token, &self.dec, &self.validation).map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+            _ => TokenError::Invalid,
+        })?;
         let user = UserId::parse(&data.claims.sub).map_err(|_| TokenError::BadSubject)?;
         let device = match data.claims.dev.as_deref() {
             None => None,
@@ -89,16 +84,11 @@ impl TokenKeys {
     /// Mints a token valid for `ttl_s` seconds (dev mode, tests and loadgen).
     pub fn mint(&self, user: &str, device: Option<&str>, ttl_s: u64) -> String {
         let exp = crate::now_ms() / 1000 + ttl_s;
-        self.mint_claims(&Claims {
-            sub: user.to_owned(),
-            exp,
-            dev: device.map(str::to_owned),
-        })
+        self.mint_claims(&Claims { sub: user.to_owned(), exp, dev: device.map(str::to_owned) })
     }
 
     pub fn mint_claims(&self, claims: &Claims) -> String {
-        encode(&Header::new(Algorithm::HS256), claims, &self.enc)
-            .expect("HS256 signing cannot fail")
+        encode(&Header::new(Algorithm::HS256), claims, &self.enc).expect("HS256 signing cannot fail")
     }
 }
 
@@ -119,11 +109,7 @@ mod tests {
         assert_eq!(keys.verify(""), Err(TokenError::Missing));
         assert_eq!(keys.verify("a.b.c"), Err(TokenError::Invalid));
 
-        let expired = keys.mint_claims(&Claims {
-            sub: "alice".into(),
-            exp: 1,
-            dev: None,
-        });
+        let expired = keys.mint_claims(&Claims { sub: "alice".into(), exp: 1, dev: None });
         assert_eq!(keys.verify(&expired), Err(TokenError::Expired));
 
         let bad = keys.mint("a.b", None, 60);
@@ -134,11 +120,7 @@ mod tests {
     fn leeway_accepts_small_skew() {
         let keys = TokenKeys::hs256(b"s", 120);
         let exp = crate::now_ms() / 1000 - 30;
-        let t = keys.mint_claims(&Claims {
-            sub: "a".into(),
-            exp,
-            dev: None,
-        });
+        let t = keys.mint_claims(&Claims { sub: "a".into(), exp, dev: None });
         assert!(keys.verify(&t).is_ok());
     }
 }
