@@ -1,1 +1,233 @@
-fn main() {}
+//! `storage`: owns the JetStream streams and buckets, and removes inbox messages once every device
+//! of their user has acknowledged them.
+//!
+//! At start it provisions the streams (retrying until NATS answers), then follows the `cursors`
+//! bucket ([`watcher`]) into an in-memory table ([`cursors`]) and purges acknowledged messages in
+//! batches ([`purger`]). Metrics and health are served over HTTP (`telemetry`).
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod cursors;
+mod metrics;
+mod purger;
+mod stats;
+mod watcher;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use async_nats::jetstream;
+use clap::Parser;
+use tokio::sync::{mpsc, watch};
+
+use crate::cursors::CursorTable;
+use crate::metrics::Metrics;
+
+#[derive(Debug, Parser)]
+#[command(name = "storage", about = "Provisions the JetStream streams and purges delivered inbox messages")]
+struct Args {
+    #[command(flatten)]
+    nats: bus::NatsArgs,
+    /// Address of the /metrics, /healthz and /readyz endpoint.
+    #[arg(long, env = "STORAGE_METRICS_ADDR", default_value = "127.0.0.1:9201")]
+    metrics_addr: SocketAddr,
+    /// JetStream replicas of every stream and bucket (1 on a single server, 3 in a cluster).
+    #[arg(long, env = "STORAGE_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+    /// How long a retried publish (same message id) is recognised as a duplicate.
+    #[arg(long, env = "STORAGE_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
+    duplicate_window_secs: u64,
+    /// How long an undelivered message stays in an inbox.
+    #[arg(long, env = "STORAGE_INBOX_MAX_AGE_SECS", default_value_t = 30 * 24 * 3600)]
+    inbox_max_age_secs: u64,
+    /// How long a device that stopped acknowledging holds messages in its user's inbox.
+    #[arg(long, env = "STORAGE_CURSOR_MAX_AGE_SECS", default_value_t = 30 * 24 * 3600)]
+    cursor_max_age_secs: u64,
+    /// How often acknowledged messages are purged, in milliseconds.
+    #[arg(long, env = "STORAGE_PURGE_INTERVAL_MS", default_value_t = 100)]
+    purge_interval_ms: u64,
+    /// Purge requests in flight at once.
+    #[arg(long, env = "STORAGE_PURGE_CONCURRENCY", default_value_t = 32)]
+    purge_concurrency: usize,
+}
+
+impl Args {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=5).contains(&self.replicas) {
+            bail!("--replicas must be 1 to 5 (JetStream's limit)");
+        }
+        for (name, v) in [
+            ("--duplicate-window-secs", self.duplicate_window_secs),
+            ("--inbox-max-age-secs", self.inbox_max_age_secs),
+            ("--cursor-max-age-secs", self.cursor_max_age_secs),
+            ("--purge-interval-ms", self.purge_interval_ms),
+            ("--purge-concurrency", self.purge_concurrency as u64),
+        ] {
+            // 0 would mean "unlimited" to JetStream, or a busy loop here.
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        Ok(())
+    }
+
+    fn stream_settings(&self) -> bus::StreamSettings {
+        bus::StreamSettings {
+            replicas: self.replicas,
+            duplicate_window: Duration::from_secs(self.duplicate_window_secs),
+            inbox_max_age: Duration::from_secs(self.inbox_max_age_secs),
+            cursor_max_age: Duration::from_secs(self.cursor_max_age_secs),
+            // Settings without a flag here keep bus's defaults.
+            ..bus::StreamSettings::default()
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init_logging("storage");
+    args.validate()?;
+    // Storage does little work per event; two threads are plenty and leave cores to NATS.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut stop = std::pin::pin!(stop_signal()?);
+    let (metrics, registry) = Metrics::new();
+    let registry = Arc::new(registry);
+    let render: telemetry::Render = Arc::new(move || telemetry::encode_registry(&registry));
+    let health = Arc::new(telemetry::Health::new());
+    telemetry::spawn(args.metrics_addr, render, health.clone()).await?;
+
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let client = bus::connect(&args.nats, "storage", Some(events_tx)).await?;
+    let js = jetstream::new(client);
+    let settings = args.stream_settings();
+
+    tokio::select! {
+        _ = provision_until_ok(&js, &settings) => {}
+        _ = &mut stop => {
+            tracing::info!("stopped before the streams were provisioned");
+            return Ok(());
+        }
+    }
+    health.set_ready(true);
+    tracing::info!("streams provisioned; ready");
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (reconnects_tx, reconnects_rx) = watch::channel(0u64);
+    let table = Arc::new(Mutex::new(CursorTable::new()));
+    let connection = tokio::spawn(follow_connection(
+        events_rx,
+        Connection {
+            js: js.clone(),
+            settings,
+            health: health.clone(),
+            metrics: metrics.clone(),
+            table: table.clone(),
+            reconnects: reconnects_tx,
+            shutdown: shutdown_rx.clone(),
+        },
+    ));
+    let stats = tokio::spawn(stats::run(js.clone(), metrics.clone()));
+    let watcher =
+        tokio::spawn(watcher::run(js.clone(), table.clone(), metrics.clone(), reconnects_rx, shutdown_rx.clone()));
+    let purge_cfg = purger::PurgeConfig {
+        interval: Duration::from_millis(args.purge_interval_ms),
+        concurrency: args.purge_concurrency,
+        cursor_max_age: Duration::from_secs(args.cursor_max_age_secs),
+    };
+    let purger = tokio::spawn(purger::run(js, table, metrics, purge_cfg, shutdown_rx));
+
+    stop.await;
+    tracing::info!("shutting down");
+    health.set_ready(false);
+    let _ = shutdown_tx.send(true);
+    // The purger finishes its batch in flight and flushes once more, within its own time bound.
+    let _ = purger.await;
+    let _ = watcher.await;
+    connection.abort();
+    stats.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT. Handlers are installed when this is called, not when awaited.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+/// Creates or updates the streams, retrying with backoff: NATS may still be starting.
+async fn provision_until_ok(js: &jetstream::Context, settings: &bus::StreamSettings) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match bus::provision(js, settings).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "provisioning failed"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// What [`follow_connection`] acts on.
+struct Connection {
+    js: jetstream::Context,
+    settings: bus::StreamSettings,
+    health: Arc<telemetry::Health>,
+    metrics: Metrics,
+    table: Arc<Mutex<CursorTable>>,
+    /// Bumped after every reconnection, so the watcher verifies the cursors bucket.
+    reconnects: watch::Sender<u64>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Counts reconnects and keeps readiness in line with the connection. While disconnected, purges
+/// are held (the watcher releases them once it verified the bucket after the reconnect). After a
+/// reconnect the streams are provisioned again: the server may have come back without them.
+async fn follow_connection(mut events: mpsc::UnboundedReceiver<async_nats::Event>, c: Connection) {
+    // The first `Connected` is the initial connection, already used for provisioning.
+    let mut connected_before = false;
+    while let Some(ev) = events.recv().await {
+        match ev {
+            async_nats::Event::Connected => {
+                if connected_before {
+                    c.metrics.nats_reconnects.inc();
+                    provision_until_ok(&c.js, &c.settings).await;
+                    c.reconnects.send_modify(|n| *n += 1);
+                    if !*c.shutdown.borrow() {
+                        c.health.set_ready(true);
+                    }
+                }
+                connected_before = true;
+            }
+            async_nats::Event::Disconnected => {
+                c.health.set_ready(false);
+                watcher::lock(&c.table).hold(true);
+            }
+            _ => {}
+        }
+    }
+}

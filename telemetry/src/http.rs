@@ -42,42 +42,25 @@ impl Default for Limits {
 
 /// Binds `addr` and serves the endpoints until the task is dropped. Fails only if binding fails.
 pub async fn serve(addr: SocketAddr, render: Render, health: Arc<Health>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint on {addr}"))?;
     serve_listener(listener, render, health).await
 }
 
 /// Binds `addr` (port 0 picks a free port), spawns the server on the current tokio runtime and
 /// returns the bound address.
-pub async fn spawn(
-    addr: SocketAddr,
-    render: Render,
-    health: Arc<Health>,
-) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
+pub async fn spawn(addr: SocketAddr, render: Render, health: Arc<Health>) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint on {addr}"))?;
     let local = listener.local_addr()?;
     tokio::spawn(serve_listener(listener, render, health));
     Ok(local)
 }
 
 /// Serves the endpoints on an already bound listener, forever.
-pub async fn serve_listener(
-    listener: TcpListener,
-    render: Render,
-    health: Arc<Health>,
-) -> anyhow::Result<()> {
+pub async fn serve_listener(listener: TcpListener, render: Render, health: Arc<Health>) -> anyhow::Result<()> {
     serve_with(listener, render, health, Limits::default()).await
 }
 
-async fn serve_with(
-    listener: TcpListener,
-    render: Render,
-    health: Arc<Health>,
-    limits: Limits,
-) -> anyhow::Result<()> {
+async fn serve_with(listener: TcpListener, render: Render, health: Arc<Health>, limits: Limits) -> anyhow::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "metrics and health endpoint listening");
     }
@@ -113,17 +96,14 @@ enum HeadError {
 }
 
 async fn handle(mut stream: TcpStream, render: &Render, health: &Health, limits: Limits) {
-    let head =
-        match tokio::time::timeout(limits.read_timeout, read_head(&mut stream, limits.max_head))
-            .await
-        {
-            Err(_) | Ok(Err(HeadError::Gone)) => return,
-            Ok(Err(HeadError::TooLarge)) => Response::text(431, "request header too large\n"),
-            Ok(Ok(head)) => match parse_request_line(&head) {
-                Some((method, path)) => route(method, path, render, health),
-                None => Response::text(400, "bad request\n"),
-            },
-        };
+    let head = match tokio::time::timeout(limits.read_timeout, read_head(&mut stream, limits.max_head)).await {
+        Err(_) | Ok(Err(HeadError::Gone)) => return,
+        Ok(Err(HeadError::TooLarge)) => Response::text(431, "request header too large\n"),
+        Ok(Ok(head)) => match parse_request_line(&head) {
+            Some((method, path)) => route(method, path, render, health),
+            None => Response::text(400, "bad request\n"),
+        },
+    };
     let bytes = head.to_bytes();
     let sent = tokio::time::timeout(limits.write_timeout, async {
         stream.write_all(&bytes).await?;
@@ -312,11 +292,7 @@ mod tests {
     }
 
     async fn get(addr: SocketAddr, path: &str) -> String {
-        raw(
-            addr,
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
-        )
-        .await
+        raw(addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await
     }
 
     fn status(resp: &str) -> u16 {
@@ -343,10 +319,7 @@ mod tests {
 
         let r = get(addr, "/metrics?name[]=up").await;
         assert_eq!(status(&r), 200, "{r}");
-        assert!(
-            r.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"),
-            "{r}"
-        );
+        assert!(r.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"), "{r}");
         assert!(r.contains("Content-Length: 21\r\n"), "{r}");
         assert_eq!(body(&r), "# TYPE up gauge\nup 1\n");
 
@@ -359,9 +332,7 @@ mod tests {
     #[tokio::test]
     async fn spawn_binds_port_zero() {
         let health = Arc::new(Health::new());
-        let addr = spawn("127.0.0.1:0".parse().unwrap(), render(), health)
-            .await
-            .unwrap();
+        let addr = spawn("127.0.0.1:0".parse().unwrap(), render(), health).await.unwrap();
         assert_ne!(addr.port(), 0);
         assert_eq!(status(&get(addr, "/healthz").await), 200);
     }
@@ -418,10 +389,7 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_head_is_refused() {
-        let limits = Limits {
-            max_head: 256,
-            ..Limits::default()
-        };
+        let limits = Limits { max_head: 256, ..Limits::default() };
         let (addr, _) = start(limits).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         let req = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(4096));
@@ -433,10 +401,7 @@ mod tests {
 
     #[tokio::test]
     async fn silent_client_is_dropped() {
-        let limits = Limits {
-            read_timeout: Duration::from_millis(100),
-            ..Limits::default()
-        };
+        let limits = Limits { read_timeout: Duration::from_millis(100), ..Limits::default() };
         let (addr, _) = start(limits).await;
         let s = TcpStream::connect(addr).await.unwrap();
         assert_eq!(read_all(s).await, "");
@@ -444,11 +409,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_over_the_cap_are_closed() {
-        let limits = Limits {
-            max_connections: 1,
-            read_timeout: Duration::from_secs(5),
-            ..Limits::default()
-        };
+        let limits = Limits { max_connections: 1, read_timeout: Duration::from_secs(5), ..Limits::default() };
         let (addr, _) = start(limits).await;
         // Holds the only slot by sending nothing.
         let _idle = TcpStream::connect(addr).await.unwrap();
@@ -459,14 +420,8 @@ mod tests {
 
     #[test]
     fn parses_request_lines() {
-        assert_eq!(
-            parse_request_line(b"GET /metrics?a=b HTTP/1.1\r\nHost: x"),
-            Some(("GET", "/metrics"))
-        );
-        assert_eq!(
-            parse_request_line(b"HEAD /readyz HTTP/1.0"),
-            Some(("HEAD", "/readyz"))
-        );
+        assert_eq!(parse_request_line(b"GET /metrics?a=b HTTP/1.1\r\nHost: x"), Some(("GET", "/metrics")));
+        assert_eq!(parse_request_line(b"HEAD /readyz HTTP/1.0"), Some(("HEAD", "/readyz")));
         assert_eq!(parse_request_line(b"GET  /metrics HTTP/1.1"), None);
         assert_eq!(parse_request_line(b""), None);
     }

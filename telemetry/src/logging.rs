@@ -3,7 +3,7 @@
 //!
 //! Policy for every service: never log message bodies or tokens. Log ids, sizes, sequences.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 
 use tracing_subscriber::{fmt::MakeWriter, EnvFilter};
 
@@ -26,6 +26,8 @@ pub fn init_logging(service: &'static str) {
     } else {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
+            // Colour codes only for a person at a terminal, not in files or log pipelines.
+            .with_ansi(io::stdout().is_terminal())
             .with_writer(io::stdout)
             .try_init()
     };
@@ -44,10 +46,7 @@ struct ServiceTagged<M> {
 
 impl<M> ServiceTagged<M> {
     fn new(service: &str, inner: M) -> Self {
-        ServiceTagged {
-            prefix: format!("{{\"service\":\"{}\",", json_escape(service)).into(),
-            inner,
-        }
+        ServiceTagged { prefix: format!("{{\"service\":\"{}\",", json_escape(service)).into(), inner }
     }
 }
 
@@ -55,11 +54,7 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for ServiceTagged<M> {
     type Writer = EventWriter<'a, M::Writer>;
 
     fn make_writer(&'a self) -> Self::Writer {
-        EventWriter {
-            prefix: &self.prefix,
-            inner: self.inner.make_writer(),
-            started: false,
-        }
+        EventWriter { prefix: &self.prefix, inner: self.inner.make_writer(), started: false }
     }
 }
 
@@ -127,11 +122,7 @@ mod tests {
         let sink = Sink::default();
         let s2 = sink.clone();
         let tagged = ServiceTagged::new("sto\"rage", move || s2.clone());
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_writer(tagged)
-            .finish();
+        let subscriber = tracing_subscriber::fmt().json().flatten_event(true).with_writer(tagged).finish();
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!(seq = 7u64, "first");
             tracing::warn!("second");
@@ -150,11 +141,7 @@ mod tests {
     #[test]
     fn non_json_writes_pass_through() {
         let sink = Sink::default();
-        let mut w = EventWriter {
-            prefix: "{\"service\":\"x\",",
-            inner: sink.clone(),
-            started: false,
-        };
+        let mut w = EventWriter { prefix: "{\"service\":\"x\",", inner: sink.clone(), started: false };
         w.write_all(b"plain line\n").unwrap();
         assert_eq!(&*sink.0.lock().unwrap(), b"plain line\n");
     }

@@ -33,10 +33,7 @@ mod tests {
         c.inc_by(3);
         g.set(-2);
         let text = encode_registry(&r);
-        assert!(
-            text.contains("# TYPE demo_events_total counter\n"),
-            "{text}"
-        );
+        assert!(text.contains("# TYPE demo_events_total counter\n"), "{text}");
         assert!(text.contains("demo_events_total 3\n"), "{text}");
         assert!(text.contains("demo_depth -2\n"), "{text}");
         assert!(!text.contains("# EOF"), "{text}");
