@@ -73,10 +73,74 @@ pub fn cursors_bucket(s: &StreamSettings) -> kv::Config {
     }
 }
 
+/// `GROUPS`: group sends and membership events on `group.<gid>`, stored as
+/// `group.<partition>.<gid>` so that router instances can split partitions between them while
+/// each group's entries stay in one partition, in order.
+pub fn groups_stream(s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name: subjects::GROUPS_STREAM.to_owned(),
+        subjects: vec![subjects::GROUP_SUBJECTS.to_owned()],
+        subject_transform: Some(stream::SubjectTransform {
+            source: subjects::GROUP_SUBJECTS.to_owned(),
+            destination: format!("group.{{{{partition({},1)}}}}.{{{{wildcard(1)}}}}", subjects::GROUP_PARTITIONS),
+        }),
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: s.group_max_age,
+        duplicate_window: s.duplicate_window,
+        num_replicas: s.replicas,
+        ..Default::default()
+    }
+}
+
+/// `RECEIPTS`: group receipt events on `receipts.<gid>`, aggregated by storage.
+pub fn receipts_stream(s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name: subjects::RECEIPTS_STREAM.to_owned(),
+        subjects: vec![subjects::RECEIPT_SUBJECTS.to_owned()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: s.receipts_max_age,
+        duplicate_window: s.duplicate_window,
+        num_replicas: s.replicas,
+        ..Default::default()
+    }
+}
+
+fn bucket(s: &StreamSettings, name: &str, description: &str, max_age: Duration) -> kv::Config {
+    kv::Config {
+        bucket: name.to_owned(),
+        description: description.to_owned(),
+        history: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: s.replicas,
+        ..Default::default()
+    }
+}
+
+/// The buckets beside the cursors: group state by group id, each user's groups, presence per
+/// `<user>.<gateway>` (kept as long as last seen matters), and gateway heartbeats (a dead
+/// gateway's beat is removed by the gateway that reaps it).
+pub fn other_buckets(s: &StreamSettings) -> [kv::Config; 4] {
+    [
+        bucket(s, subjects::GROUPS_BUCKET, "group state by group id (JSON GroupState)", Duration::ZERO),
+        bucket(s, subjects::MEMBERSHIPS_BUCKET, "group ids by user id (JSON list)", Duration::ZERO),
+        bucket(s, subjects::PRESENCE_BUCKET, "presence by <user>.<gateway> (JSON PresenceRecord)", s.cursor_max_age),
+        bucket(s, subjects::GATEWAYS_BUCKET, "gateway heartbeats (JSON GatewayBeat)", Duration::ZERO),
+    ]
+}
+
 /// Creates the streams and buckets, or updates them to the configured settings.
 pub async fn provision(js: &jetstream::Context, s: &StreamSettings) -> anyhow::Result<()> {
     js.create_or_update_stream(inbox_stream(s)).await.context("provisioning INBOX stream")?;
+    js.create_or_update_stream(groups_stream(s)).await.context("provisioning GROUPS stream")?;
+    js.create_or_update_stream(receipts_stream(s)).await.context("provisioning RECEIPTS stream")?;
     js.create_or_update_key_value(cursors_bucket(s)).await.context("provisioning cursors bucket")?;
+    for b in other_buckets(s) {
+        let name = b.bucket.clone();
+        js.create_or_update_key_value(b).await.with_context(|| format!("provisioning {name} bucket"))?;
+    }
     Ok(())
 }
 
@@ -90,7 +154,13 @@ pub async fn wait_ready(js: &jetstream::Context) -> anyhow::Result<()> {
                 missing.push(stream);
             }
         }
-        for bucket in [subjects::CURSORS_BUCKET, subjects::GROUPS_BUCKET, subjects::MEMBERSHIPS_BUCKET] {
+        for bucket in [
+            subjects::CURSORS_BUCKET,
+            subjects::GROUPS_BUCKET,
+            subjects::MEMBERSHIPS_BUCKET,
+            subjects::PRESENCE_BUCKET,
+            subjects::GATEWAYS_BUCKET,
+        ] {
             if js.get_key_value(bucket).await.is_err() {
                 missing.push(bucket);
             }

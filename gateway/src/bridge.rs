@@ -24,9 +24,10 @@ use futures::StreamExt;
 use fxhash::FxHashMap;
 use protocol::groups::{GroupReply, GroupRequest, GroupState, ReceiptEvent, WhoReadReply, WhoReadRequest};
 use protocol::item::{InboxItem, ReceiptStatus};
-use protocol::{ids, subjects, DeviceId, GroupId, UserId};
+use protocol::{ids, subjects, Conversation, DeviceId, GroupId, PresenceView, ServerFrame, UserId};
 
 use crate::metrics::Metrics;
+use crate::presence::{self, PresenceCmd};
 
 /// Settings the bridge needs from the gateway's config.
 #[derive(Debug, Clone)]
@@ -35,6 +36,10 @@ pub struct BridgeConfig {
     pub gateway_id: String,
     pub cursor_flush: Duration,
     pub receipt_flush: Duration,
+    /// How often this gateway writes its heartbeat.
+    pub presence_beat: Duration,
+    /// A gateway silent this long is dead, and its users offline.
+    pub presence_timeout: Duration,
 }
 
 /// A message stored by JetStream.
@@ -69,6 +74,7 @@ pub enum Command {
         subject: String,
         msg_id: String,
         payload: Bytes,
+        mirror: Option<Mirror>,
         reply: oneshot::Sender<Result<Stored, PublishFailure>>,
     },
     /// Executor `exec` wants live copies for `user`; the reply comes once the server has the
@@ -140,8 +146,44 @@ pub enum Command {
         req: WhoReadRequest,
         reply: oneshot::Sender<Result<WhoReadReply, PublishFailure>>,
     },
+    /// Online / last seen of these users.
+    PresenceQuery {
+        users: Vec<UserId>,
+        reply: oneshot::Sender<Vec<PresenceView>>,
+    },
+    /// Executor `exec` pushes presence changes of `user` to a connection (or stops).
+    PresenceWatch {
+        user: UserId,
+        exec: usize,
+        on: bool,
+    },
+    /// `from` is typing in `conv`: an ephemeral frame to the online recipients.
+    Typing {
+        from: UserId,
+        conv: Conversation,
+    },
+    /// `user` read `conv` up to `up_to` on device `dev`: tell the user's other devices.
+    ReadMark {
+        user: UserId,
+        conv: Conversation,
+        dev: String,
+        up_to: u64,
+    },
+    /// How many devices `user` has registered (cursor entries).
+    Devices {
+        user: UserId,
+        reply: oneshot::Sender<usize>,
+    },
     /// Tell every executor to drain.
     Drain,
+}
+
+/// After the PubAck of a 1:1 message, keep a copy in the sender's own inbox for its other
+/// devices (only when it has other devices).
+pub struct Mirror {
+    pub user: UserId,
+    pub item: InboxItem,
+    pub msg_id: String,
 }
 
 /// What the bridge sends an executor.
@@ -151,6 +193,13 @@ pub enum ExecEvent {
         seq: u64,
         prev: u64,
         payload: Bytes,
+    },
+    /// A frame that is not stored (typing, presence): sent as it is to the connections of
+    /// `user` (or, with `presence`, to the connections watching `user`'s presence).
+    Ephemeral {
+        user: UserId,
+        frame: Bytes,
+        presence: bool,
     },
     /// Live copies may have been lost: every connection resyncs from its inbox.
     ResyncAll,
@@ -212,10 +261,35 @@ impl Bridge {
         subject: String,
         msg_id: String,
         payload: Bytes,
+        mirror: Option<Mirror>,
     ) -> oneshot::Receiver<Result<Stored, PublishFailure>> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Publish { subject, msg_id, payload, reply });
+        self.send(Command::Publish { subject, msg_id, payload, mirror, reply });
         rx
+    }
+
+    pub async fn presence(&self, users: Vec<UserId>) -> Vec<PresenceView> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::PresenceQuery { users, reply });
+        rx.await.unwrap_or_default()
+    }
+
+    pub fn presence_watch(&self, user: UserId, exec: usize, on: bool) {
+        self.send(Command::PresenceWatch { user, exec, on });
+    }
+
+    pub fn typing(&self, from: UserId, conv: Conversation) {
+        self.send(Command::Typing { from, conv });
+    }
+
+    pub fn read_mark(&self, user: UserId, conv: Conversation, dev: String, up_to: u64) {
+        self.send(Command::ReadMark { user, conv, dev, up_to });
+    }
+
+    pub async fn devices(&self, user: UserId) -> usize {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Devices { user, reply });
+        rx.await.unwrap_or(0)
     }
 
     pub fn group_publish_cmd(
@@ -311,6 +385,7 @@ struct CachedGroup {
 
 /// Group commands waiting for the group's state to be loaded, in arrival order.
 enum GroupWait {
+    Typing { from: UserId },
     Publish { sender: UserId, msg_id: String, payload: Bytes, reply: oneshot::Sender<Result<Stored, PublishFailure>> },
     Check { user: UserId, reply: oneshot::Sender<Result<(), PublishFailure>> },
 }
@@ -349,6 +424,16 @@ async fn run(
     let mut groups: FxHashMap<String, CachedGroup> = FxHashMap::default();
     let mut group_waits: FxHashMap<String, Vec<GroupWait>> = FxHashMap::default();
     let groups_kv = js.get_key_value(subjects::GROUPS_BUCKET).await?;
+    let mut read_marks: FxHashMap<(UserId, String, bool), (u64, String)> = FxHashMap::default();
+    let presence = presence::spawn(
+        client.clone(),
+        js.clone(),
+        cfg.gateway_id.clone(),
+        exec_tx.clone(),
+        metrics.clone(),
+        cfg.presence_beat,
+        cfg.presence_timeout,
+    );
     let mut cursor_tick = tokio::time::interval(cfg.cursor_flush);
     let mut receipt_tick = tokio::time::interval(cfg.receipt_flush);
     let mut disconnected = false;
@@ -358,8 +443,44 @@ async fn run(
             cmd = commands.recv_async() => {
                 let Ok(cmd) = cmd else { break };
                 match cmd {
-                    Command::Publish { subject, msg_id, payload, reply } => {
-                        publish(&js, &metrics, subject, msg_id, payload, reply).await;
+                    Command::Publish { subject, msg_id, payload, mirror, reply } => {
+                        publish(&js, &metrics, subject, msg_id, payload, mirror, reply).await;
+                    }
+                    Command::PresenceQuery { users, reply } => {
+                        let _ = presence.send(PresenceCmd::Query { users, reply });
+                    }
+                    Command::PresenceWatch { user, exec, on } => {
+                        let _ = presence.send(if on { PresenceCmd::Watch { user, exec } } else { PresenceCmd::Unwatch { user, exec } });
+                    }
+                    Command::Typing { from, conv } => match conv {
+                        Conversation::Direct(to) => {
+                            metrics.typing_events.inc();
+                            publish_ephemeral(&client, &to, ServerFrame::Typing { from: from.as_str(), group: None }.to_json()).await;
+                        }
+                        Conversation::Group(g) => {
+                            let wait = GroupWait::Typing { from };
+                            group_command(&js, &client, &metrics, &groups_kv, &int_tx, &mut groups, &mut group_waits, g.to_string(), wait).await;
+                        }
+                    },
+                    Command::ReadMark { user, conv, dev, up_to } => {
+                        let (key, is_group) = match conv {
+                            Conversation::Direct(u) => (u.to_string(), false),
+                            Conversation::Group(g) => (g.to_string(), true),
+                        };
+                        let e = read_marks.entry((user, key, is_group)).or_insert((0, dev.clone()));
+                        if up_to > e.0 {
+                            *e = (up_to, dev);
+                        }
+                    }
+                    Command::Devices { user, reply } => {
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            let n = bus::inbox::kv_last_values(&client, subjects::CURSORS_BUCKET, &format!("{user}.*"), 1024)
+                                .await
+                                .map(|v| v.len())
+                                .unwrap_or(0);
+                            let _ = reply.send(n);
+                        });
                     }
                     Command::Subscribe { user, exec, reply } => {
                         if let Some(i) = interests.get_mut(&user) {
@@ -381,6 +502,7 @@ async fn run(
                                 let (abort, reg) = AbortHandle::new_pair();
                                 live.push(Abortable::new(sub.map(tag), reg));
                                 interests.insert(user.clone(), Interest { execs: vec![(exec, 1)], abort, waiting: Some(vec![reply]) });
+                                let _ = presence.send(PresenceCmd::Online(user.clone()));
                                 metrics.live_subscriptions.inc();
                                 // The reply waits for a round trip to the server (PING/PONG):
                                 // after it, the subscription is registered there.
@@ -408,6 +530,7 @@ async fn run(
                             // Ending the stream drops the Subscriber, which unsubscribes.
                             i.abort.abort();
                             interests.remove(&user);
+                            let _ = presence.send(PresenceCmd::Offline(user.clone()));
                             metrics.live_subscriptions.dec();
                         }
                     }
@@ -441,11 +564,11 @@ async fn run(
                     }
                     Command::GroupPublish { group, sender, msg_id, payload, reply } => {
                         let wait = GroupWait::Publish { sender, msg_id, payload, reply };
-                        group_command(&js, &metrics, &groups_kv, &int_tx, &mut groups, &mut group_waits, group.to_string(), wait).await;
+                        group_command(&js, &client, &metrics, &groups_kv, &int_tx, &mut groups, &mut group_waits, group.to_string(), wait).await;
                     }
                     Command::GroupCheck { group, user, reply } => {
                         let wait = GroupWait::Check { user, reply };
-                        group_command(&js, &metrics, &groups_kv, &int_tx, &mut groups, &mut group_waits, group.to_string(), wait).await;
+                        group_command(&js, &client, &metrics, &groups_kv, &int_tx, &mut groups, &mut group_waits, group.to_string(), wait).await;
                     }
                     Command::GroupOp { req, reply } => {
                         let (client, int_tx) = (client.clone(), int_tx.clone());
@@ -498,14 +621,8 @@ async fn run(
                         Err(()) => Err(PublishFailure::Unavailable),
                     };
                     for w in waiting {
-                        let verdict = |user: &str| members.as_ref().map_err(|e| *e).and_then(|m| member_check(m.as_deref(), user));
-                        match w {
-                            GroupWait::Publish { sender, msg_id, payload, reply } => match verdict(sender.as_str()) {
-                                Ok(()) => publish(&js, &metrics, format!("group.{gid}"), msg_id, payload, reply).await,
-                                Err(e) => { let _ = reply.send(Err(e)); }
-                            },
-                            GroupWait::Check { user, reply } => { let _ = reply.send(verdict(user.as_str())); }
-                        }
+                        let members = members.as_ref().map(|m| m.as_deref()).map_err(|e| *e);
+                        run_group_wait(&js, &client, &metrics, &gid, members, w).await;
                     }
                 }
                 Internal::GroupChanged(state) => {
@@ -537,6 +654,20 @@ async fn run(
                 for (key, up_to) in receipts.drain() {
                     spawn_receipt(&js, &metrics, &int_tx, key, up_to);
                 }
+                for ((user, conv, is_group), (up_to, dev)) in read_marks.drain() {
+                    let (conv, group) = if is_group { (None, Some(conv)) } else { (Some(conv), None) };
+                    let item = InboxItem::ReadMark { conv, group, dev, up_to, ts: protocol::now_ms() };
+                    let js = js.clone();
+                    tokio::spawn(async move {
+                        let res = async {
+                            js.send_publish(subjects::inbox(&user), PublishMessage::build().payload(item.to_bytes().into())).await?.await
+                        }
+                        .await;
+                        if let Err(e) = res {
+                            tracing::warn!(error = %e, "read mark for other devices failed");
+                        }
+                    });
+                }
             }
         }
     }
@@ -549,6 +680,7 @@ async fn publish(
     subject: String,
     msg_id: String,
     payload: Bytes,
+    mirror: Option<Mirror>,
     reply: oneshot::Sender<Result<Stored, PublishFailure>>,
 ) {
     let started = Instant::now();
@@ -562,6 +694,7 @@ async fn publish(
         }
     };
     let metrics = metrics.clone();
+    let js = js.clone();
     tokio::spawn(async move {
         let r = match fut.await {
             Ok(ack) => {
@@ -569,6 +702,9 @@ async fn publish(
                 metrics.messages_published.inc();
                 if ack.duplicate {
                     metrics.messages_duplicate.inc();
+                }
+                if let Some(m) = mirror {
+                    publish_mirror(&js, m, ack.sequence).await;
                 }
                 Ok(Stored { seq: ack.sequence, duplicate: ack.duplicate })
             }
@@ -587,6 +723,37 @@ async fn publish(
     });
 }
 
+/// Header marking a frame on `live.<user>` that was never stored (typing).
+const EPHEMERAL_HEADER: &str = "Chat-Ephemeral";
+
+async fn publish_ephemeral(client: &async_nats::Client, to: &UserId, frame: String) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(EPHEMERAL_HEADER, "1");
+    let _ = client.publish_with_headers(subjects::live(to), headers, frame.into()).await;
+}
+
+/// Stores the copy of a 1:1 message for the sender's other devices, now that its sid is known.
+async fn publish_mirror(js: &jetstream::Context, m: Mirror, sid: u64) {
+    let item = match m.item {
+        InboxItem::Outgoing { to, dev, id, body, ts, .. } => InboxItem::Outgoing { to, dev, id, sid, body, ts },
+        other => other,
+    };
+    let res = async {
+        js.send_publish(
+            subjects::inbox(&m.user),
+            PublishMessage::build().message_id(m.msg_id).payload(item.to_bytes().into()),
+        )
+        .await?
+        .await
+    }
+    .await;
+    if let Err(e) = res {
+        // The message itself is stored and acknowledged; only the sender's other devices miss
+        // the copy (they still get the receipts).
+        tracing::warn!(error = %e, "copy for the sender's other devices failed");
+    }
+}
+
 fn forward_live(
     interests: &FxHashMap<UserId, Interest>,
     exec_tx: &[flume::Sender<ExecEvent>],
@@ -596,6 +763,16 @@ fn forward_live(
     let Some(i) = interests.get(&user) else {
         return;
     };
+    if msg.headers.as_ref().is_some_and(|h| h.get(EPHEMERAL_HEADER).is_some()) {
+        for (exec, _) in &i.execs {
+            let _ = exec_tx[*exec].send(ExecEvent::Ephemeral {
+                user: user.clone(),
+                frame: msg.payload.clone(),
+                presence: false,
+            });
+        }
+        return;
+    }
     let header = |name: &str| -> Option<u64> { msg.headers.as_ref()?.get(name)?.as_str().parse().ok() };
     let Some(seq) = header("Nats-Sequence") else {
         tracing::warn!(subject = %msg.subject, "live copy without Nats-Sequence ignored");
@@ -686,6 +863,7 @@ fn spawn_receipt(
 #[allow(clippy::too_many_arguments)]
 async fn group_command(
     js: &jetstream::Context,
+    client: &async_nats::Client,
     metrics: &Arc<Metrics>,
     kv: &jetstream::kv::Store,
     int_tx: &tokio::sync::mpsc::UnboundedSender<Internal>,
@@ -699,19 +877,7 @@ async fn group_command(
         return;
     }
     if let Some(g) = groups.get(&gid).filter(|g| g.loaded.elapsed() < GROUP_CACHE_TTL) {
-        match wait {
-            GroupWait::Publish { sender, msg_id, payload, reply } => {
-                match member_check(Some(&g.members), sender.as_str()) {
-                    Ok(()) => publish(js, metrics, format!("group.{gid}"), msg_id, payload, reply).await,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
-            }
-            GroupWait::Check { user, reply } => {
-                let _ = reply.send(member_check(Some(&g.members), user.as_str()));
-            }
-        }
+        run_group_wait(js, client, metrics, &gid, Ok(Some(&g.members)), wait).await;
         return;
     }
     waits.insert(gid.clone(), vec![wait]);
@@ -746,6 +912,43 @@ fn cache_group(groups: &mut FxHashMap<String, CachedGroup>, gid: String, members
         }
     }
     groups.insert(gid, CachedGroup { members, loaded: Instant::now() });
+}
+
+/// Runs a group command against the group's members (`Ok(None)`: no such group).
+async fn run_group_wait(
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    metrics: &Arc<Metrics>,
+    gid: &str,
+    members: Result<Option<&[String]>, PublishFailure>,
+    wait: GroupWait,
+) {
+    let verdict = |user: &str| members.and_then(|m| member_check(m, user));
+    match wait {
+        GroupWait::Publish { sender, msg_id, payload, reply } => match verdict(sender.as_str()) {
+            Ok(()) => publish(js, metrics, format!("group.{gid}"), msg_id, payload, None, reply).await,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        },
+        GroupWait::Check { user, reply } => {
+            let _ = reply.send(verdict(user.as_str()));
+        }
+        GroupWait::Typing { from } => {
+            if verdict(from.as_str()).is_err() {
+                return;
+            }
+            metrics.typing_events.inc();
+            let frame = ServerFrame::Typing { from: from.as_str(), group: Some(gid) }.to_json();
+            for m in members.ok().flatten().unwrap_or_default() {
+                if m != from.as_str() {
+                    if let Ok(to) = UserId::parse(m) {
+                        publish_ephemeral(client, &to, frame.clone()).await;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A JSON request to one of the services (router, storage) over core NATS.

@@ -67,6 +67,15 @@ pub struct Config {
     /// Coalescing window of delivery receipts per conversation, milliseconds.
     #[arg(long, env = "GATEWAY_RECEIPT_FLUSH_MS", default_value_t = 100)]
     pub receipt_flush_ms: u64,
+    /// How often the gateway records its own heartbeat (gateway-level presence liveness).
+    #[arg(long, env = "GATEWAY_PRESENCE_BEAT_SECS", default_value_t = 5)]
+    pub presence_beat_secs: u64,
+    /// After this long without a heartbeat a gateway is dead and its users show offline.
+    #[arg(long, env = "GATEWAY_PRESENCE_TIMEOUT_SECS", default_value_t = 30)]
+    pub presence_timeout_secs: u64,
+    /// Typing indicators a connection may send per second (excess ones are dropped).
+    #[arg(long, env = "GATEWAY_TYPING_PER_SEC", default_value_t = 2)]
+    pub typing_per_sec: u32,
     /// On SIGTERM, how long to wait for in-flight publishes before exiting.
     #[arg(long, env = "GATEWAY_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     pub drain_timeout_secs: u64,

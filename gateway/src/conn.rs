@@ -14,11 +14,11 @@ use glommio::net::TcpStream;
 use protocol::groups::{GroupEntry, GroupReply, GroupRequest, WhoReadReply, WhoReadRequest};
 use protocol::item::{InboxItem, ReceiptStatus};
 use protocol::{
-    decode_client_frame, ids, render_item, subjects, ClientFrame, Conversation, DeviceId, ErrorCode, ServerFrame,
-    UserId,
+    decode_client_frame, ids, render_item, subjects, ClientFrame, Conversation, DeviceId, ErrorCode, PresenceView,
+    ServerFrame, UserId,
 };
 
-use crate::bridge::{PublishFailure, Stored};
+use crate::bridge::{Mirror, PublishFailure, Stored};
 use crate::delivery::{Delivery, Live, ReceiptTarget};
 use crate::executor::ExecCtx;
 use crate::handshake::{self, Request};
@@ -115,8 +115,14 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         device,
         outbox: outbox.clone(),
         delivery: Delivery::new(0, MAX_UNACKED_TRACKED),
+        mirror: false,
+        watching: Vec::new(),
+        typing: RateLimit::new(ctx.cfg.typing_per_sec),
     };
     let reason = session.run(upgrade.since.unwrap_or(0)).await;
+    for u in std::mem::take(&mut session.watching) {
+        ctx.unwatch(&u, &outbox);
+    }
     ctx.unregister(&user, &outbox);
     ctx.bridge.unsubscribe(user.clone(), ctx.id);
     ctx.bridge.cursor(user, session.device.clone(), session.delivery.acked(), true);
@@ -156,6 +162,8 @@ enum Reply {
     Group(String, Result<GroupReply, PublishFailure>),
     /// A "who read this" query.
     WhoRead(String, String, u64, Result<WhoReadReply, PublishFailure>),
+    /// A presence query.
+    Presence(String, Vec<PresenceView>),
 }
 
 type Pending = FuturesOrdered<futures::future::LocalBoxFuture<'static, Reply>>;
@@ -175,6 +183,36 @@ struct Session {
     device: DeviceId,
     outbox: Rc<Outbox>,
     delivery: Delivery,
+    /// The user has other devices: keep copies of what this one sends and reads for them.
+    mirror: bool,
+    /// Users whose presence changes are pushed to this connection.
+    watching: Vec<UserId>,
+    typing: RateLimit,
+}
+
+/// A token bucket: `rate` tokens a second, bursts up to `rate * 2`.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Self {
+        RateLimit { rate: rate as f64, tokens: rate as f64 * 2.0, at: Instant::now() }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate * 2.0);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Why a session ended, as a metrics label; the close frame (if any) was already sent.
@@ -259,6 +297,8 @@ impl Session {
             }
         };
         let resume = cursor.max(since);
+        // With other devices registered, what this one sends and reads is copied for them.
+        self.mirror = ctx.bridge.devices(self.user.clone()).await > 1;
         self.delivery = Delivery::new(resume, MAX_UNACKED_TRACKED);
         let hello = ServerFrame::Hello {
             user: self.user.as_str(),
@@ -315,6 +355,14 @@ impl Session {
         let copies = self.outbox.take_all();
         let mut wrote = false;
         for c in copies {
+            if c.seq == 0 {
+                // An ephemeral frame (typing, presence), already rendered.
+                let text = String::from_utf8_lossy(&c.payload).into_owned();
+                self.ctx.metrics.frames_out.inc();
+                self.ws.feed(Message::Text(text.into())).await.map_err(|_| "io_error")?;
+                wrote = true;
+                continue;
+            }
             match self.delivery.classify_live(c.seq, c.prev) {
                 Live::Duplicate => {}
                 Live::Deliver => {
@@ -336,6 +384,11 @@ impl Session {
 
     async fn feed_item(&mut self, seq: u64, payload: &[u8], path: &'static str) -> Result<(), Reason> {
         let head = ItemHead::parse(payload);
+        if head.as_ref().is_some_and(|h| h.is_own_sync(self.device.as_str())) {
+            // This device's own send or read, copied for the user's other devices.
+            self.delivery.mark_sent(seq, None);
+            return Ok(());
+        }
         let frame = render_item(seq, payload);
         self.ws.feed(Message::Text(frame.into())).await.map_err(|_| "io_error")?;
         self.delivery.mark_sent(seq, head.as_ref().and_then(ItemHead::receipt_target));
@@ -382,17 +435,30 @@ impl Session {
                 Ok(())
             }
             ClientFrame::Send { id, to, body } => {
+                let ts = protocol::now_ms();
+                let mirror = self.mirror.then(|| Mirror {
+                    user: self.user.clone(),
+                    item: InboxItem::Outgoing {
+                        to: to.to_string(),
+                        dev: self.device.to_string(),
+                        id: id.to_string(),
+                        sid: 0,
+                        body: body.clone(),
+                        ts,
+                    },
+                    msg_id: ids::outgoing_dedup_id(&self.user, &self.device, &id),
+                });
                 let item = InboxItem::Chat {
                     from: self.user.to_string(),
                     dev: self.device.to_string(),
                     id: id.to_string(),
                     body,
-                    ts: protocol::now_ms(),
+                    ts,
                 };
                 let msg_id = ids::direct_msg_dedup_id(&self.user, &self.device, &id);
                 // The command is queued now, in frame order: a connection's publishes reach
                 // JetStream in the order sent, and the `sent` answers go back in that order.
-                let rx = self.ctx.bridge.publish_cmd(subjects::inbox(&to), msg_id, item.to_bytes().into());
+                let rx = self.ctx.bridge.publish_cmd(subjects::inbox(&to), msg_id, item.to_bytes().into(), mirror);
                 self.wait(pending, async move {
                     Reply::Sent(id.to_string(), rx.await.unwrap_or(Err(PublishFailure::Unavailable)))
                 });
@@ -438,6 +504,9 @@ impl Session {
             }
             ClientFrame::Read { conv, up_to } => {
                 let b = &self.ctx.bridge;
+                if self.mirror {
+                    b.read_mark(self.user.clone(), conv.clone(), self.device.to_string(), up_to);
+                }
                 match conv {
                     Conversation::Direct(peer) => {
                         b.receipt(self.user.clone(), peer.to_string(), ReceiptStatus::Read, up_to)
@@ -446,6 +515,29 @@ impl Session {
                         b.group_receipt(self.user.clone(), g.to_string(), ReceiptStatus::Read, up_to)
                     }
                 }
+                Ok(())
+            }
+            ClientFrame::Typing { conv } => {
+                if self.typing.allow() {
+                    self.ctx.bridge.typing(self.user.clone(), conv);
+                } else {
+                    self.ctx.metrics.typing_dropped.inc();
+                }
+                Ok(())
+            }
+            ClientFrame::Presence { id, users } => {
+                let bridge = self.ctx.bridge.clone();
+                self.wait(pending, async move { Reply::Presence(id.to_string(), bridge.presence(users).await) });
+                Ok(())
+            }
+            ClientFrame::PresenceSub { users } => {
+                for u in std::mem::take(&mut self.watching) {
+                    self.ctx.unwatch(&u, &self.outbox);
+                }
+                for u in &users {
+                    self.ctx.watch(u, &self.outbox);
+                }
+                self.watching = users;
                 Ok(())
             }
         }
@@ -481,6 +573,9 @@ impl Session {
                 self.send(f.to_json()).await
             }
             Reply::WhoRead(id, _, _, Ok(WhoReadReply::Error { code, msg })) => self.error(code, &msg, Some(&id)).await,
+            Reply::Presence(id, users) => {
+                self.send(ServerFrame::Presence { id: Some(&id), users: &users }.to_json()).await
+            }
             Reply::Sent(id, Err(e)) | Reply::Group(id, Err(e)) | Reply::WhoRead(id, _, _, Err(e)) => {
                 let (code, msg) = match e {
                     PublishFailure::Unavailable => {
@@ -565,11 +660,18 @@ struct ItemHead<'a> {
     group: Option<Cow<'a, str>>,
     #[serde(default)]
     sid: Option<u64>,
+    #[serde(borrow, default)]
+    dev: Option<Cow<'a, str>>,
 }
 
 impl<'a> ItemHead<'a> {
     fn parse(b: &'a [u8]) -> Option<Self> {
         serde_json::from_slice(b).ok()
+    }
+
+    /// A copy of something this very device did (sent or read), kept for the other devices.
+    fn is_own_sync(&self, device: &str) -> bool {
+        matches!(&*self.k, "outgoing" | "read_mark") && self.dev.as_deref() == Some(device)
     }
 
     /// Messages earn delivery receipts; receipts and events do not.

@@ -27,6 +27,8 @@ pub struct ExecCtx {
     pub limits: protocol::Limits,
     /// Connections by user, for live dispatch.
     sessions: RefCell<FxHashMap<UserId, Vec<Rc<Outbox>>>>,
+    /// Connections watching a user's presence (`presence_sub`).
+    watchers: RefCell<FxHashMap<UserId, Vec<Rc<Outbox>>>>,
     /// Set while the gateway drains: no new sessions.
     pub draining: Cell<bool>,
     /// Sends awaiting JetStream's ack, across this executor (drain waits for them).
@@ -39,13 +41,18 @@ impl ExecCtx {
     }
 
     pub fn unregister(&self, user: &UserId, outbox: &Rc<Outbox>) {
-        let mut sessions = self.sessions.borrow_mut();
-        if let Some(list) = sessions.get_mut(user) {
-            list.retain(|o| !Rc::ptr_eq(o, outbox));
-            if list.is_empty() {
-                sessions.remove(user);
-            }
-        }
+        remove(&mut self.sessions.borrow_mut(), user, outbox);
+    }
+
+    /// Starts pushing `user`'s presence changes to this connection.
+    pub fn watch(&self, user: &UserId, outbox: &Rc<Outbox>) {
+        self.watchers.borrow_mut().entry(user.clone()).or_default().push(outbox.clone());
+        self.bridge.presence_watch(user.clone(), self.id, true);
+    }
+
+    pub fn unwatch(&self, user: &UserId, outbox: &Rc<Outbox>) {
+        remove(&mut self.watchers.borrow_mut(), user, outbox);
+        self.bridge.presence_watch(user.clone(), self.id, false);
     }
 
     fn dispatch(&self, ev: ExecEvent) {
@@ -54,6 +61,14 @@ impl ExecCtx {
                 if let Some(list) = self.sessions.borrow().get(&user) {
                     for o in list {
                         o.push(LiveCopy { seq, prev, payload: payload.clone() });
+                    }
+                }
+            }
+            ExecEvent::Ephemeral { user, frame, presence } => {
+                let map = if presence { &self.watchers } else { &self.sessions };
+                if let Some(list) = map.borrow().get(&user) {
+                    for o in list {
+                        o.push(LiveCopy { seq: 0, prev: 0, payload: frame.clone() });
                     }
                 }
             }
@@ -136,6 +151,15 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>) {
     }
 }
 
+fn remove(map: &mut FxHashMap<UserId, Vec<Rc<Outbox>>>, user: &UserId, outbox: &Rc<Outbox>) {
+    if let Some(list) = map.get_mut(user) {
+        list.retain(|o| !Rc::ptr_eq(o, outbox));
+        if list.is_empty() {
+            map.remove(user);
+        }
+    }
+}
+
 async fn wait_draining(ctx: &ExecCtx) {
     while !ctx.draining.get() {
         glommio::timer::sleep(Duration::from_millis(100)).await;
@@ -161,6 +185,7 @@ impl ExecCtx {
             gateway_id,
             limits,
             sessions: RefCell::new(FxHashMap::default()),
+            watchers: RefCell::new(FxHashMap::default()),
             draining: Cell::new(false),
             inflight: Cell::new(0),
         }

@@ -14,6 +14,7 @@ mod executor;
 mod handshake;
 mod metrics;
 mod outbox;
+mod presence;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -34,6 +35,8 @@ fn main() -> anyhow::Result<()> {
             gateway_id: gateway_id.to_string(),
             cursor_flush: Duration::from_millis(cfg.cursor_flush_ms),
             receipt_flush: Duration::from_millis(cfg.receipt_flush_ms),
+            presence_beat: Duration::from_secs(cfg.presence_beat_secs.max(1)),
+            presence_timeout: Duration::from_secs(cfg.presence_timeout_secs.max(2)),
         },
         cores,
         metrics.clone(),

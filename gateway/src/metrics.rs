@@ -35,6 +35,9 @@ pub struct Metrics {
     pub nats_reconnects: Counter,
     pub nats_slow_consumers: Counter,
     pub live_subscriptions: Gauge,
+    pub presence_pushes: Counter,
+    pub typing_events: Counter,
+    pub typing_dropped: Counter,
     resident: Gauge,
 }
 
@@ -69,6 +72,9 @@ impl Metrics {
             nats_reconnects: Counter::default(),
             nats_slow_consumers: Counter::default(),
             live_subscriptions: Gauge::default(),
+            presence_pushes: Counter::default(),
+            typing_events: Counter::default(),
+            typing_dropped: Counter::default(),
             resident: Gauge::default(),
             registry: Registry::default(),
         };
@@ -125,6 +131,13 @@ impl Metrics {
             "Live NATS subscriptions (one per connected user)",
             m.live_subscriptions.clone(),
         );
+        r.register(
+            "gateway_presence_pushes",
+            "Presence changes pushed to watching connections",
+            m.presence_pushes.clone(),
+        );
+        r.register("gateway_typing_events", "Typing indicators relayed", m.typing_events.clone());
+        r.register("gateway_typing_dropped", "Typing indicators dropped by the rate limit", m.typing_dropped.clone());
         r.register_with_unit(
             "gateway_resident_memory",
             "Resident set size of the process",

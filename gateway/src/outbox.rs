@@ -13,6 +13,7 @@ use std::task::{Poll, Waker};
 use bytes::Bytes;
 
 pub struct LiveCopy {
+    /// The inbox sequence; 0 for an ephemeral frame (typing, presence) that is sent as it is.
     pub seq: u64,
     /// The previous item stored for the same user (`Nats-Last-Sequence`), 0 when unknown.
     pub prev: u64,

@@ -39,7 +39,17 @@ pub enum ClientFrame {
     Read { conv: Conversation, up_to: u64 },
     /// Who has received and read group message `sid`.
     WhoRead { id: ClientMsgId, group: GroupId, sid: u64 },
+    /// The user is typing in a conversation (ephemeral, rate-limited, online recipients only).
+    Typing { conv: Conversation },
+    /// Online / last seen of these users, answered with `presence`.
+    Presence { id: ClientMsgId, users: Vec<UserId> },
+    /// Push presence changes of these users to this connection (replaces the previous list; an
+    /// empty list stops the pushes).
+    PresenceSub { users: Vec<UserId> },
 }
+
+/// Most users one presence query or subscription may name.
+pub const MAX_PRESENCE_USERS: usize = 256;
 
 /// A conversation: with one user, or a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +61,19 @@ pub enum Conversation {
 #[derive(Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 enum RawFrame {
+    Typing {
+        #[serde(default)]
+        conv: Option<String>,
+        #[serde(default)]
+        group: Option<String>,
+    },
+    Presence {
+        id: String,
+        users: Vec<String>,
+    },
+    PresenceSub {
+        users: Vec<String>,
+    },
     Send {
         id: String,
         to: String,
@@ -226,21 +249,36 @@ pub fn decode_client_frame(bytes: &[u8], limits: &Limits) -> Result<ClientFrame,
             }
             Ok(ClientFrame::GroupSend { id: cid, group, body })
         }
-        RawFrame::Read { conv, group, up_to } => {
-            let bad = |msg: &str| DecodeError { code: ErrorCode::BadField, msg: msg.to_owned(), id: None };
-            let conv = match (conv, group) {
-                (Some(c), None) => Conversation::Direct(UserId::parse(&c).map_err(|e| bad(&format!("conv: {e}")))?),
-                (None, Some(g)) => Conversation::Group(GroupId::parse(&g).map_err(|e| bad(&format!("group: {e}")))?),
-                _ => return Err(bad("exactly one of conv and group is required")),
-            };
-            Ok(ClientFrame::Read { conv, up_to })
-        }
+        RawFrame::Read { conv, group, up_to } => Ok(ClientFrame::Read { conv: conversation(conv, group)?, up_to }),
         RawFrame::Receipts { id, group, sid } => {
             let cid = client_id(&id)?;
             let group = GroupId::parse(&group).map_err(|e| bad_field(format!("group: {e}"), &id))?;
             Ok(ClientFrame::WhoRead { id: cid, group, sid })
         }
+        RawFrame::Typing { conv, group } => Ok(ClientFrame::Typing { conv: conversation(conv, group)? }),
+        RawFrame::Presence { id, users } => {
+            let cid = client_id(&id)?;
+            Ok(ClientFrame::Presence { id: cid, users: presence_users(&users, Some(&id))? })
+        }
+        RawFrame::PresenceSub { users } => Ok(ClientFrame::PresenceSub { users: presence_users(&users, None)? }),
     }
+}
+
+fn conversation(conv: Option<String>, group: Option<String>) -> Result<Conversation, DecodeError> {
+    let bad = |msg: String| DecodeError { code: ErrorCode::BadField, msg, id: None };
+    match (conv, group) {
+        (Some(c), None) => Ok(Conversation::Direct(UserId::parse(&c).map_err(|e| bad(format!("conv: {e}")))?)),
+        (None, Some(g)) => Ok(Conversation::Group(GroupId::parse(&g).map_err(|e| bad(format!("group: {e}")))?)),
+        _ => Err(bad("exactly one of conv and group is required".to_owned())),
+    }
+}
+
+fn presence_users(users: &[String], id: Option<&str>) -> Result<Vec<UserId>, DecodeError> {
+    let err = |code, msg: String| DecodeError { code, msg, id: id.map(str::to_owned) };
+    if users.len() > MAX_PRESENCE_USERS {
+        return Err(err(ErrorCode::LimitExceeded, format!("at most {MAX_PRESENCE_USERS} users")));
+    }
+    users.iter().map(|u| UserId::parse(u).map_err(|e| err(ErrorCode::BadField, format!("users: {e}")))).collect()
 }
 
 fn bad_field(msg: String, id: &str) -> DecodeError {
@@ -307,6 +345,18 @@ pub enum ServerFrame<'a> {
     Reconnect {
         reason: &'a str,
     },
+    /// Presence of users: the answer to a `presence` query (with its `id`), or a pushed change.
+    Presence {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+        users: &'a [PresenceView],
+    },
+    /// Someone is typing to this user (`group` set when in a group).
+    Typing {
+        from: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        group: Option<&'a str>,
+    },
     /// Answer to a group operation: the group as it is now.
     Group {
         id: &'a str,
@@ -332,6 +382,15 @@ impl ServerFrame<'_> {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("server frame serialises")
     }
+}
+
+/// One user's presence: online now, or when last seen (ms since the epoch; absent if never).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceView {
+    pub user: String,
+    pub online: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<u64>,
 }
 
 /// Renders a stored inbox item as a `msg` frame without parsing it:
@@ -417,6 +476,26 @@ mod tests {
         assert_eq!(code(r#"{"t":"group_create","id":"c","name":"","members":[]}"#), ErrorCode::BadField);
         assert_eq!(code(r#"{"t":"group_add","id":"c","group":"g","members":["a.b"]}"#), ErrorCode::BadField);
         assert_eq!(code(r#"{"t":"gsend","id":"c","group":"g>","body":""}"#), ErrorCode::BadField);
+    }
+
+    #[test]
+    fn decodes_presence_and_typing() {
+        assert_eq!(
+            dec(r#"{"t":"typing","conv":"bob"}"#).unwrap(),
+            ClientFrame::Typing { conv: Conversation::Direct(UserId::parse("bob").unwrap()) }
+        );
+        assert!(matches!(dec(r#"{"t":"presence","id":"p","users":["a","b"]}"#).unwrap(), ClientFrame::Presence { .. }));
+        assert_eq!(dec(r#"{"t":"presence_sub","users":[]}"#).unwrap(), ClientFrame::PresenceSub { users: vec![] });
+        let many: Vec<String> = (0..300).map(|i| format!("\"u{i}\"")).collect();
+        let f = format!(r#"{{"t":"presence","id":"p","users":[{}]}}"#, many.join(","));
+        assert_eq!(dec(&f).unwrap_err().code, ErrorCode::LimitExceeded);
+        assert_eq!(dec(r#"{"t":"typing"}"#).unwrap_err().code, ErrorCode::BadField);
+        let v = PresenceView { user: "b".into(), online: false, last_seen: Some(5) };
+        let users = [v];
+        assert_eq!(
+            ServerFrame::Presence { id: None, users: &users }.to_json(),
+            r#"{"t":"presence","users":[{"user":"b","online":false,"last_seen":5}]}"#
+        );
     }
 
     #[test]

@@ -130,3 +130,18 @@ pub enum GroupEntry {
     /// so every message is fanned out to exactly the members of the moment it was sent.
     Event { event: String, by: String, members: Vec<String>, name: String, state: Vec<String>, ts: u64 },
 }
+
+/// A user's presence on one gateway (KV `presence`, key `<user>.<gateway>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    pub online: bool,
+    /// Online since (when online), or last seen (when offline), ms since the epoch.
+    pub at: u64,
+}
+
+/// A gateway's heartbeat (KV `gateways`): a gateway whose beat is older than the liveness
+/// timeout is dead, and the users it held are offline since that beat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayBeat {
+    pub at: u64,
+}

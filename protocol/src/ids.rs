@@ -115,6 +115,11 @@ pub fn fanout_dedup_id(group_seq: u64, member: &str) -> String {
     format!("f|{}|{}", group_seq, member)
 }
 
+/// The dedup id of the copy of a 1:1 message kept for the sender's other devices.
+pub fn outgoing_dedup_id(sender: &UserId, device: &DeviceId, id: &ClientMsgId) -> String {
+    format!("o|{}|{}|{}", sender, device, id)
+}
+
 /// The dedup id of a receipt: one stored receipt per (reader, conversation partner, status,
 /// position), however many devices or gateways report it.
 pub fn receipt_dedup_id(by: &UserId, to: &UserId, status: &str, up_to: u64) -> String {

@@ -20,6 +20,20 @@ pub enum InboxItem {
     /// Aggregate tick for the sender of group message `sid`: every recipient has reached
     /// `status`.
     GroupReceipt { group: String, sid: u64, status: ReceiptStatus, ts: u64 },
+    /// A 1:1 message this user sent from another of its devices (`dev`), so that every device
+    /// shows the whole conversation. `sid` is the message's server id.
+    Outgoing { to: String, dev: String, id: String, sid: u64, body: String, ts: u64 },
+    /// This user read a conversation up to `up_to` on another device (`conv` is a user id, or
+    /// `group` a group id): clear its unread count here too.
+    ReadMark {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conv: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
+        dev: String,
+        up_to: u64,
+        ts: u64,
+    },
     /// A receipt for messages this user sent to `from`: every message of this user's to `from`
     /// with a server id (`sid`) up to and including `up_to` has reached `status`.
     Receipt { from: String, status: ReceiptStatus, up_to: u64, ts: u64 },

@@ -31,6 +31,25 @@ pub const RECEIPT_SUBJECTS: &str = "receipts.*";
 /// Request subject of storage's "who received / read this group message" query.
 pub const RECEIPT_QUERY_SERVICE: &str = "svc.receipts";
 
+/// KV bucket of presence records, keyed `<user>.<gateway>` (JSON `PresenceRecord`).
+pub const PRESENCE_BUCKET: &str = "presence";
+/// KV bucket of gateway heartbeats, keyed by gateway id (JSON `GatewayBeat`).
+pub const GATEWAYS_BUCKET: &str = "gateways";
+
+/// Core NATS subject announcing that a user's presence may have changed (empty payload).
+pub fn presence_changed(user: &str) -> String {
+    format!("presence.{user}")
+}
+
+pub fn presence_key(user: &str, gateway: &str) -> String {
+    format!("{user}.{gateway}")
+}
+
+/// Core NATS subject of push-notification events for a user with no connected device.
+pub fn push(user: &str) -> String {
+    format!("push.{user}")
+}
+
 pub fn group(gid: &crate::ids::GroupId) -> String {
     format!("group.{gid}")
 }
