@@ -1,9 +1,11 @@
-//! `storage`: owns the JetStream streams and buckets, and removes inbox messages once every device
-//! of their user has acknowledged them.
+//! `storage`: owns the JetStream streams and buckets, removes inbox messages once every device of
+//! their user has acknowledged them, and aggregates group receipts.
 //!
 //! At start it provisions the streams (retrying until NATS answers), then follows the `cursors`
 //! bucket ([`watcher`]) into an in-memory table ([`cursors`]) and purges acknowledged messages in
-//! batches ([`purger`]). Metrics and health are served over HTTP (`telemetry`).
+//! batches ([`purger`]). It follows the RECEIPTS stream into a per-message receipt book
+//! ([`receipt_book`], [`receipts`]), stores aggregate ticks in senders' inboxes and answers
+//! "who read this" queries. Metrics and health are served over HTTP (`telemetry`).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -11,6 +13,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod cursors;
 mod metrics;
 mod purger;
+mod receipt_book;
+mod receipts;
 mod stats;
 mod watcher;
 
@@ -25,6 +29,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cursors::CursorTable;
 use crate::metrics::Metrics;
+use crate::receipt_book::{BookConfig, ReceiptBook};
 
 #[derive(Debug, Parser)]
 #[command(name = "storage", about = "Provisions the JetStream streams and purges delivered inbox messages")]
@@ -52,6 +57,19 @@ struct Args {
     /// Purge requests in flight at once.
     #[arg(long, env = "STORAGE_PURGE_CONCURRENCY", default_value_t = 32)]
     purge_concurrency: usize,
+    /// How long group stream entries are kept (GROUPS stream max age).
+    #[arg(long, env = "STORAGE_GROUP_MAX_AGE_SECS", default_value_t = 24 * 3600)]
+    group_max_age_secs: u64,
+    /// How long group receipt events are kept (RECEIPTS stream max age); also how long a group
+    /// message's receipts are tracked, and so how far back a restart rebuilds them.
+    #[arg(long, env = "STORAGE_RECEIPTS_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
+    receipts_max_age_secs: u64,
+    /// Most group messages whose receipts are tracked at once; the oldest are dropped beyond it.
+    #[arg(long, env = "STORAGE_RECEIPT_ENTRIES", default_value_t = 200_000)]
+    receipt_entries: usize,
+    /// Most fully-read group messages remembered for "who read this" queries (0: none).
+    #[arg(long, env = "STORAGE_RECEIPT_DONE_ENTRIES", default_value_t = 100_000)]
+    receipt_done_entries: usize,
 }
 
 impl Args {
@@ -65,21 +83,44 @@ impl Args {
             ("--cursor-max-age-secs", self.cursor_max_age_secs),
             ("--purge-interval-ms", self.purge_interval_ms),
             ("--purge-concurrency", self.purge_concurrency as u64),
+            ("--group-max-age-secs", self.group_max_age_secs),
+            ("--receipts-max-age-secs", self.receipts_max_age_secs),
+            ("--receipt-entries", self.receipt_entries as u64),
         ] {
             // 0 would mean "unlimited" to JetStream, or a busy loop here.
             if v == 0 {
                 bail!("{name} must be at least 1");
             }
         }
+        // JetStream refuses a stream whose duplicate window is longer than its max age.
+        for (name, v) in
+            [("--group-max-age-secs", self.group_max_age_secs), ("--receipts-max-age-secs", self.receipts_max_age_secs)]
+        {
+            if v < self.duplicate_window_secs {
+                bail!("{name} must be at least --duplicate-window-secs ({})", self.duplicate_window_secs);
+            }
+        }
         Ok(())
     }
 
+    fn book_config(&self) -> BookConfig {
+        BookConfig {
+            max_entries: self.receipt_entries,
+            max_age_ms: self.receipts_max_age_secs.saturating_mul(1000),
+            done_capacity: self.receipt_done_entries,
+        }
+    }
+
+    // Every field has a flag today; the update keeps this compiling when bus adds a setting.
+    #[allow(clippy::needless_update)]
     fn stream_settings(&self) -> bus::StreamSettings {
         bus::StreamSettings {
             replicas: self.replicas,
             duplicate_window: Duration::from_secs(self.duplicate_window_secs),
             inbox_max_age: Duration::from_secs(self.inbox_max_age_secs),
             cursor_max_age: Duration::from_secs(self.cursor_max_age_secs),
+            group_max_age: Duration::from_secs(self.group_max_age_secs),
+            receipts_max_age: Duration::from_secs(self.receipts_max_age_secs),
             // Settings without a flag here keep bus's defaults.
             ..bus::StreamSettings::default()
         }
@@ -138,13 +179,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     ));
     let stats = tokio::spawn(stats::run(js.clone(), metrics.clone()));
-    let watcher =
-        tokio::spawn(watcher::run(js.clone(), table.clone(), metrics.clone(), reconnects_rx, shutdown_rx.clone()));
+    let watcher = tokio::spawn(watcher::run(
+        js.clone(),
+        table.clone(),
+        metrics.clone(),
+        reconnects_rx.clone(),
+        shutdown_rx.clone(),
+    ));
     let purge_cfg = purger::PurgeConfig {
         interval: Duration::from_millis(args.purge_interval_ms),
         concurrency: args.purge_concurrency,
         cursor_max_age: Duration::from_secs(args.cursor_max_age_secs),
     };
+    let receipts = receipts::spawn(
+        js.clone(),
+        Arc::new(receipts::Shared::new(ReceiptBook::new(args.book_config()))),
+        metrics.clone(),
+        reconnects_rx,
+        shutdown_rx.clone(),
+    );
     let purger = tokio::spawn(purger::run(js, table, metrics, purge_cfg, shutdown_rx));
 
     stop.await;
@@ -154,6 +207,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The purger finishes its batch in flight and flushes once more, within its own time bound.
     let _ = purger.await;
     let _ = watcher.await;
+    // Stops consuming and answering, then publishes the ticks already due (bounded in time).
+    let _ = receipts.await;
     connection.abort();
     stats.abort();
     tracing::info!("stopped");
@@ -228,6 +283,53 @@ async fn follow_connection(mut events: mpsc::UnboundedReceiver<async_nats::Event
                 watcher::lock(&c.table).hold(true);
             }
             _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("storage").chain(extra.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn receipt_flags_have_their_defaults_and_reach_the_settings() {
+        let a = parse(&[]);
+        a.validate().unwrap();
+        assert_eq!(a.book_config(), BookConfig::default());
+        let s = a.stream_settings();
+        assert_eq!(s.receipts_max_age, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(s.group_max_age, Duration::from_secs(24 * 3600));
+
+        let a = parse(&[
+            "--receipt-entries",
+            "10",
+            "--receipts-max-age-secs",
+            "3600",
+            "--group-max-age-secs",
+            "600",
+            "--receipt-done-entries",
+            "0",
+        ]);
+        a.validate().unwrap();
+        assert_eq!(a.book_config(), BookConfig { max_entries: 10, max_age_ms: 3_600_000, done_capacity: 0 });
+        assert_eq!(a.stream_settings().group_max_age, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn receipt_flags_are_validated() {
+        for bad in [
+            &["--receipt-entries", "0"][..],
+            &["--receipts-max-age-secs", "0"],
+            &["--group-max-age-secs", "0"],
+            // Shorter than the duplicate window: JetStream would refuse the stream.
+            &["--receipts-max-age-secs", "60"],
+            &["--group-max-age-secs", "100", "--duplicate-window-secs", "200"],
+        ] {
+            assert!(parse(bad).validate().is_err(), "{bad:?} accepted");
         }
     }
 }

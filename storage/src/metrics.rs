@@ -2,10 +2,13 @@
 
 use prometheus_client::metrics::{
     counter::Counter,
+    family::Family,
     gauge::Gauge,
     histogram::{exponential_buckets, Histogram},
 };
 use prometheus_client::registry::Registry;
+
+type Labels = [(&'static str, &'static str); 1];
 
 /// Handles to every metric; cheap to clone (each is an `Arc` inside).
 #[derive(Clone)]
@@ -20,6 +23,16 @@ pub struct Metrics {
     pub inbox_messages: Gauge,
     pub inbox_bytes: Gauge,
     pub nats_reconnects: Counter,
+    /// By `kind`: sent, delivered, read, invalid.
+    pub receipt_events: Family<Labels, Counter>,
+    /// By `status`: delivered, read.
+    pub group_receipts_emitted: Family<Labels, Counter>,
+    pub group_receipt_duplicates: Counter,
+    pub group_receipt_errors: Counter,
+    pub receipt_entries: Gauge,
+    pub receipt_evictions: Counter,
+    pub receipt_queries: Counter,
+    pub receipt_consumer_restarts: Counter,
 }
 
 impl Metrics {
@@ -37,6 +50,14 @@ impl Metrics {
             inbox_messages: Gauge::default(),
             inbox_bytes: Gauge::default(),
             nats_reconnects: Counter::default(),
+            receipt_events: Family::default(),
+            group_receipts_emitted: Family::default(),
+            group_receipt_duplicates: Counter::default(),
+            group_receipt_errors: Counter::default(),
+            receipt_entries: Gauge::default(),
+            receipt_evictions: Counter::default(),
+            receipt_queries: Counter::default(),
+            receipt_consumer_restarts: Counter::default(),
         };
         let mut r = Registry::default();
         r.register(
@@ -65,6 +86,42 @@ impl Metrics {
             "Reconnections to NATS after the first connection",
             m.nats_reconnects.clone(),
         );
+        r.register(
+            "storage_receipt_events",
+            "Group receipt events consumed from RECEIPTS, by kind (sent, delivered, read, invalid)",
+            m.receipt_events.clone(),
+        );
+        r.register(
+            "storage_group_receipts_emitted",
+            "Aggregate group receipt ticks stored in a sender's inbox, by status",
+            m.group_receipts_emitted.clone(),
+        );
+        r.register(
+            "storage_group_receipt_duplicates",
+            "Aggregate ticks JetStream dropped as duplicates (already stored, e.g. re-emitted by a rebuild)",
+            m.group_receipt_duplicates.clone(),
+        );
+        r.register(
+            "storage_group_receipt_errors",
+            "Aggregate ticks given up after repeated publish failures",
+            m.group_receipt_errors.clone(),
+        );
+        r.register(
+            "storage_receipt_entries",
+            "Group messages whose receipts are pending (not yet read by every recipient)",
+            m.receipt_entries.clone(),
+        );
+        r.register(
+            "storage_receipt_evictions",
+            "Pending group messages dropped before everyone read them (entry cap or max age)",
+            m.receipt_evictions.clone(),
+        );
+        r.register("storage_receipt_queries", "Who-read queries received", m.receipt_queries.clone());
+        r.register(
+            "storage_receipt_consumer_restarts",
+            "Times the RECEIPTS consumer was re-created",
+            m.receipt_consumer_restarts.clone(),
+        );
         (m, r)
     }
 }
@@ -77,6 +134,8 @@ mod tests {
     fn exposes_the_documented_names() {
         let (m, r) = Metrics::new();
         m.purge_seconds.observe(0.002);
+        m.receipt_events.get_or_create(&[("kind", "sent")]).inc();
+        m.group_receipts_emitted.get_or_create(&[("status", "read")]).inc();
         let text = telemetry::encode_registry(&r);
         for name in [
             "storage_cursor_updates_total ",
@@ -88,6 +147,11 @@ mod tests {
             "storage_inbox_messages ",
             "storage_inbox_bytes ",
             "storage_nats_reconnects_total ",
+            "storage_receipt_events_total{kind=\"sent\"} 1",
+            "storage_group_receipts_emitted_total{status=\"read\"} 1",
+            "storage_receipt_entries ",
+            "storage_receipt_evictions_total ",
+            "storage_receipt_queries_total ",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
