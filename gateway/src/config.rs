@@ -11,6 +11,10 @@ use clap::Parser;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "gateway", about = "WebSocket gateway: authenticates clients and bridges them to NATS JetStream")]
 pub struct Config {
+    /// A TOML config file: `[section] key = value` sets the variable SECTION_KEY (flags and the
+    /// environment win over it). Also from env CHAT_CONFIG.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Address of the WebSocket listener (one SO_REUSEPORT socket per executor).
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -26,7 +30,7 @@ pub struct Config {
     #[command(flatten)]
     pub nats: bus::NatsArgs,
     /// File holding the HS256 token secret. Otherwise the secret is read from env JWT_SECRET.
-    #[arg(long, env = "JWT_SECRET_FILE")]
+    #[arg(long, env = "GATEWAY_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
     /// Clock skew allowed on token expiry, in seconds.
     #[arg(long, env = "GATEWAY_TOKEN_LEEWAY_SECS", default_value_t = 60)]

@@ -20,6 +20,8 @@ mod presence;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    // The config file becomes environment defaults before anything reads the environment.
+    telemetry::apply_config_file()?;
     telemetry::init_logging("gateway");
     let (cfg, secret) = config::Config::load()?;
     let cfg = Arc::new(cfg);

@@ -5,11 +5,13 @@
 //! `Connection: close`, so a small hand-written HTTP/1.1 responder (bounded request size, timeouts,
 //! a connection cap) is simpler to audit than pulling in a full HTTP stack for it.
 
+mod config_file;
 mod health;
 mod http;
 mod logging;
 mod metrics;
 
+pub use config_file::{apply_config_file, env_pairs};
 pub use health::Health;
 pub use http::{serve, serve_listener, spawn};
 pub use logging::init_logging;
