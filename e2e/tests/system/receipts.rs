@@ -1,0 +1,54 @@
+//! `delivered` receipts reach the sender, online and offline.
+
+use serde_json::Value;
+use testkit::{System, WsClient};
+
+use crate::{chat, seq, sid};
+
+fn is_receipt(f: &Value) -> bool {
+    f["t"] == "msg" && f["m"]["k"] == "receipt"
+}
+
+async fn expect_delivered_receipt(alice: &mut WsClient, up_to: u64) {
+    let r = alice.recv_until(is_receipt).await;
+    let m = &r["m"];
+    assert_eq!(m["from"], "bob", "{r}");
+    assert_eq!(m["status"], "delivered", "{r}");
+    assert_eq!(m["up_to"], up_to, "{r}");
+}
+
+#[tokio::test]
+async fn delivered_receipt_reaches_an_online_sender() {
+    let sys = System::start(2).await;
+    let mut alice = sys.connect(0, "alice", "web").await;
+    let mut bob = sys.connect(1, "bob", "phone").await;
+    alice.sync().await;
+    bob.sync().await;
+
+    let sent = alice.send_chat_ok("c-1", "bob", "did you get this?").await;
+    let msg = bob.expect_type("msg").await;
+    assert_eq!(chat(&msg)["id"], "c-1");
+    bob.ack(seq(&msg)).await;
+
+    expect_delivered_receipt(&mut alice, sid(&sent)).await;
+}
+
+#[tokio::test]
+async fn delivered_receipt_reaches_an_offline_sender_on_reconnect() {
+    let sys = System::start(2).await;
+    let mut alice = sys.connect(0, "alice", "web").await;
+    alice.sync().await;
+    let sent = alice.send_chat_ok("c-1", "bob", "read me later").await;
+    alice.close().await;
+
+    let mut bob = sys.connect(1, "bob", "phone").await;
+    let synced = bob.sync().await;
+    assert_eq!(synced.items.len(), 1, "{:?}", synced.items);
+    assert_eq!(chat(&synced.items[0])["id"], "c-1");
+    bob.ack(seq(&synced.items[0])).await;
+    bob.ping_pong().await; // the gateway has read the ack
+
+    // The receipt is in alice's inbox (drained on connect) or arrives live right after.
+    let mut alice = sys.connect(0, "alice", "web").await;
+    expect_delivered_receipt(&mut alice, sid(&sent)).await;
+}
