@@ -28,6 +28,7 @@ use protocol::{ids, subjects, Conversation, DeviceId, GroupId, PresenceView, Ser
 
 use crate::metrics::Metrics;
 use crate::presence::{self, PresenceCmd};
+use crate::readiness::Readiness;
 
 /// Settings the bridge needs from the gateway's config.
 #[derive(Debug, Clone)]
@@ -328,6 +329,7 @@ pub fn start(
     cfg: BridgeConfig,
     executors: usize,
     metrics: Arc<Metrics>,
+    ready: Arc<Readiness>,
     health: Arc<telemetry::Health>,
     metrics_addr: std::net::SocketAddr,
 ) -> anyhow::Result<(Bridge, Vec<flume::Receiver<ExecEvent>>, std::thread::JoinHandle<()>)> {
@@ -342,7 +344,7 @@ pub fn start(
                 tracing::error!(error = %e, "metrics endpoint failed to start");
                 std::process::exit(1);
             }
-            if let Err(e) = run(cfg, rx, exec_tx, metrics, health).await {
+            if let Err(e) = run(cfg, rx, exec_tx, metrics, ready).await {
                 tracing::error!(error = %format!("{e:#}"), "bridge failed");
                 std::process::exit(1);
             }
@@ -403,7 +405,7 @@ async fn run(
     commands: flume::Receiver<Command>,
     exec_tx: Vec<flume::Sender<ExecEvent>>,
     metrics: Arc<Metrics>,
-    health: Arc<telemetry::Health>,
+    ready: Arc<Readiness>,
 ) -> anyhow::Result<()> {
     let (ev_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let client = bus::connect(&cfg.nats, &format!("gateway {}", cfg.gateway_id), Some(ev_tx)).await?;
@@ -413,7 +415,7 @@ async fn run(
         .build(client.clone());
     bus::wait_ready(&js).await?;
     let kv = js.get_key_value(subjects::CURSORS_BUCKET).await?;
-    health.set_ready(true);
+    ready.set_backbone(true);
     tracing::info!(gateway = %cfg.gateway_id, "bridge ready");
 
     let (int_tx, mut internal) = tokio::sync::mpsc::unbounded_channel::<Internal>();
@@ -630,9 +632,9 @@ async fn run(
                 }
             },
             Some(ev) = events.recv() => match ev {
-                async_nats::Event::Disconnected => { disconnected = true; health.set_ready(false); }
+                async_nats::Event::Disconnected => { disconnected = true; ready.set_backbone(false); }
                 async_nats::Event::Connected => {
-                    health.set_ready(true);
+                    ready.set_backbone(true);
                     if disconnected {
                         disconnected = false;
                         metrics.nats_reconnects.inc();

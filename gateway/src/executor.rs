@@ -92,7 +92,7 @@ impl ExecCtx {
 }
 
 /// Runs one executor until the gateway drains and its connections are gone.
-pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>) {
+pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>, ready: Arc<crate::readiness::Readiness>) {
     // Tasks that are woken from the bridge thread must sit in a latency-sensitive queue: a
     // cross-thread wake-up into a NotImportant queue can take tens of milliseconds.
     let tq: TaskQueueHandle =
@@ -121,6 +121,7 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>) {
         }
     };
     tracing::info!(executor = ctx.id, addr = %ctx.cfg.listen, "listening");
+    ready.listening();
     loop {
         let accepted = futures::future::select(Box::pin(listener.accept()), Box::pin(wait_draining(&ctx))).await;
         match accepted {

@@ -15,6 +15,7 @@ mod handshake;
 mod metrics;
 mod outbox;
 mod presence;
+mod readiness;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -30,6 +31,7 @@ fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::new(&gateway_id));
     let health = Arc::new(telemetry::Health::default());
     let cores = cfg.cores();
+    let ready = Arc::new(readiness::Readiness::new(health.clone(), cores));
 
     let (bridge, exec_events, _bridge_thread) = bridge::start(
         bridge::BridgeConfig {
@@ -42,27 +44,28 @@ fn main() -> anyhow::Result<()> {
         },
         cores,
         metrics.clone(),
+        ready.clone(),
         health.clone(),
         cfg.metrics_addr,
     )?;
 
     // The executors accept only once the backbone is ready, so that readiness means "serving".
-    while !health.is_ready() {
+    while !ready.backbone() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
     let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut handles = Vec::new();
     for (id, events) in exec_events.into_iter().enumerate() {
-        let (cfg, keys, bridge, metrics, gateway_id) =
-            (cfg.clone(), keys.clone(), bridge.clone(), metrics.clone(), gateway_id.clone());
+        let (cfg, keys, bridge, metrics, gateway_id, ready) =
+            (cfg.clone(), keys.clone(), bridge.clone(), metrics.clone(), gateway_id.clone(), ready.clone());
         let placement = if cores <= online { Placement::Fixed(id) } else { Placement::Unbound };
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("gateway-{id}"))
             .io_memory(cfg.io_memory)
             .spawn(move || async move {
                 let ctx = Rc::new(executor::ExecCtx::new(id, cfg, keys, bridge, metrics, gateway_id));
-                executor::run(ctx, events).await
+                executor::run(ctx, events, ready).await
             })
             .map_err(|e| anyhow::anyhow!("starting executor {id}: {e}"))?;
         handles.push(h);
@@ -71,7 +74,7 @@ fn main() -> anyhow::Result<()> {
 
     wait_for_signal();
     tracing::info!("draining");
-    health.set_ready(false);
+    ready.drain();
     bridge.drain();
     for h in handles {
         let _ = h.join();
