@@ -76,6 +76,8 @@ pub enum Command {
         msg_id: String,
         payload: Bytes,
         mirror: Option<Mirror>,
+        /// Stored with `Chat-Push: 1`: storage announces it if the recipient has no live device.
+        push: bool,
         reply: oneshot::Sender<Result<Stored, PublishFailure>>,
     },
     /// Executor `exec` wants live copies for `user`; the reply comes once the server has the
@@ -263,9 +265,10 @@ impl Bridge {
         msg_id: String,
         payload: Bytes,
         mirror: Option<Mirror>,
+        push: bool,
     ) -> oneshot::Receiver<Result<Stored, PublishFailure>> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Publish { subject, msg_id, payload, mirror, reply });
+        self.send(Command::Publish { subject, msg_id, payload, mirror, push, reply });
         rx
     }
 
@@ -445,8 +448,8 @@ async fn run(
             cmd = commands.recv_async() => {
                 let Ok(cmd) = cmd else { break };
                 match cmd {
-                    Command::Publish { subject, msg_id, payload, mirror, reply } => {
-                        publish(&js, &metrics, subject, msg_id, payload, mirror, reply).await;
+                    Command::Publish { subject, msg_id, payload, mirror, push, reply } => {
+                        publish(&js, &metrics, subject, msg_id, payload, mirror, push, reply).await;
                     }
                     Command::PresenceQuery { users, reply } => {
                         let _ = presence.send(PresenceCmd::Query { users, reply });
@@ -676,6 +679,7 @@ async fn run(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn publish(
     js: &jetstream::Context,
     metrics: &Arc<Metrics>,
@@ -683,10 +687,15 @@ async fn publish(
     msg_id: String,
     payload: Bytes,
     mirror: Option<Mirror>,
+    push: bool,
     reply: oneshot::Sender<Result<Stored, PublishFailure>>,
 ) {
     let started = Instant::now();
-    let fut = match js.send_publish(subject, PublishMessage::build().message_id(msg_id).payload(payload)).await {
+    let mut message = PublishMessage::build().message_id(msg_id).payload(payload);
+    if push {
+        message = message.header(PUSH_HEADER, "1");
+    }
+    let fut = match js.send_publish(subject, message).await {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(error = %e, "publish failed");
@@ -727,6 +736,8 @@ async fn publish(
 
 /// Header marking a frame on `live.<user>` that was never stored (typing).
 const EPHEMERAL_HEADER: &str = "Chat-Ephemeral";
+/// Header marking an inbox item that deserves a push notification (storage/README.md).
+const PUSH_HEADER: &str = "Chat-Push";
 
 async fn publish_ephemeral(client: &async_nats::Client, to: &UserId, frame: String) {
     let mut headers = async_nats::HeaderMap::new();
@@ -928,7 +939,7 @@ async fn run_group_wait(
     let verdict = |user: &str| members.and_then(|m| member_check(m, user));
     match wait {
         GroupWait::Publish { sender, msg_id, payload, reply } => match verdict(sender.as_str()) {
-            Ok(()) => publish(js, metrics, format!("group.{gid}"), msg_id, payload, None, reply).await,
+            Ok(()) => publish(js, metrics, format!("group.{gid}"), msg_id, payload, None, false, reply).await,
             Err(e) => {
                 let _ = reply.send(Err(e));
             }

@@ -71,6 +71,18 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
             }
             return;
         }
+        Request::Asset(content_type, body) => {
+            if ctx.cfg.dev_tokens {
+                let head = handshake::asset_response(content_type, body.len());
+                if stream.write_all(head.as_bytes()).await.is_ok() {
+                    let _ = stream.write_all(body).await;
+                }
+                let _ = stream.close().await;
+            } else {
+                let _ = respond(&mut stream, 404, "Not Found", "not found\n").await;
+            }
+            return;
+        }
         Request::Refuse(status, reason) => {
             ctx.metrics.handshake_failed("bad_request");
             let _ = respond(&mut stream, status, reason, &format!("{reason}\n")).await;
@@ -458,7 +470,8 @@ impl Session {
                 let msg_id = ids::direct_msg_dedup_id(&self.user, &self.device, &id);
                 // The command is queued now, in frame order: a connection's publishes reach
                 // JetStream in the order sent, and the `sent` answers go back in that order.
-                let rx = self.ctx.bridge.publish_cmd(subjects::inbox(&to), msg_id, item.to_bytes().into(), mirror);
+                let rx =
+                    self.ctx.bridge.publish_cmd(subjects::inbox(&to), msg_id, item.to_bytes().into(), mirror, true);
                 self.wait(pending, async move {
                     Reply::Sent(id.to_string(), rx.await.unwrap_or(Err(PublishFailure::Unavailable)))
                 });

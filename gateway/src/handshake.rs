@@ -14,6 +14,8 @@ pub enum Request {
     Upgrade(Upgrade),
     /// `GET /dev/token?user=..&device=..` (answered only in dev mode).
     DevToken { user: String, device: Option<String> },
+    /// A plain GET of a web client asset (served only in dev mode).
+    Asset(&'static str, &'static [u8]),
     /// Anything else: answer with this status and reason.
     Refuse(u16, &'static str),
 }
@@ -66,7 +68,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, &'static str> 
             let is_upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
                 && header("connection").is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
             if !is_upgrade {
-                Request::Refuse(426, "Upgrade Required")
+                match crate::web::asset(path) {
+                    Some((ty, body)) => Request::Asset(ty, body),
+                    None => Request::Refuse(426, "Upgrade Required"),
+                }
             } else if header("sec-websocket-version") != Some("13") {
                 Request::Refuse(400, "Bad Request")
             } else if let Some(key) = header("sec-websocket-key") {
@@ -82,7 +87,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, &'static str> 
             Some(user) => Request::DevToken { user, device },
             None => Request::Refuse(400, "Bad Request"),
         },
-        _ => Request::Refuse(404, "Not Found"),
+        _ => match crate::web::asset(path) {
+            Some((ty, body)) => Request::Asset(ty, body),
+            None => Request::Refuse(404, "Not Found"),
+        },
     };
     Ok(Some((request, len)))
 }
@@ -126,6 +134,12 @@ pub fn switching_protocols(key: &str) -> String {
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
         tungstenite::handshake::derive_accept_key(key.as_bytes())
+    )
+}
+
+pub fn asset_response(content_type: &str, body_len: usize) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {body_len}\r\nConnection: close\r\nCache-Control: no-cache\r\nX-Content-Type-Options: nosniff\r\n\r\n"
     )
 }
 

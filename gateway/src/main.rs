@@ -16,6 +16,7 @@ mod metrics;
 mod outbox;
 mod presence;
 mod readiness;
+mod web;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
