@@ -32,6 +32,10 @@ pub struct Config {
     /// File holding the HS256 token secret. Otherwise the secret is read from env JWT_SECRET.
     #[arg(long, env = "GATEWAY_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
+    /// Browser origins allowed to open a socket (comma-separated; `*` for any). Empty: no origin
+    /// policy. Requests without an Origin header (non-browser clients) are not affected.
+    #[arg(long, env = "GATEWAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// Clock skew allowed on token expiry, in seconds.
     #[arg(long, env = "GATEWAY_TOKEN_LEEWAY_SECS", default_value_t = 60)]
     pub token_leeway_secs: u64,
@@ -77,6 +81,13 @@ pub struct Config {
     /// After this long without a heartbeat a gateway is dead and its users show offline.
     #[arg(long, env = "GATEWAY_PRESENCE_TIMEOUT_SECS", default_value_t = 30)]
     pub presence_timeout_secs: u64,
+    /// Messages (`send`, `gsend`) a connection may send per second, bursts of twice that;
+    /// beyond it they are refused with `rate_limited`. 0: no limit.
+    #[arg(long, env = "GATEWAY_MESSAGES_PER_SEC", default_value_t = 50)]
+    pub messages_per_sec: u32,
+    /// Group operations, presence queries and who-read queries per second per connection.
+    #[arg(long, env = "GATEWAY_OPS_PER_SEC", default_value_t = 10)]
+    pub ops_per_sec: u32,
     /// Typing indicators a connection may send per second (excess ones are dropped).
     #[arg(long, env = "GATEWAY_TYPING_PER_SEC", default_value_t = 2)]
     pub typing_per_sec: u32,

@@ -23,6 +23,7 @@ use crate::delivery::{Delivery, Live, ReceiptTarget};
 use crate::executor::ExecCtx;
 use crate::handshake::{self, Request};
 use crate::outbox::Outbox;
+use crate::ratelimit::RateLimit;
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -94,6 +95,11 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         let _ = respond(&mut stream, 503, "Service Unavailable", "draining, reconnect elsewhere\n").await;
         return;
     }
+    if !handshake::origin_allowed(&ctx.cfg.allowed_origins, upgrade.origin.as_deref()) {
+        ctx.metrics.handshake_failed("origin_refused");
+        let _ = respond(&mut stream, 403, "Forbidden", "origin not allowed\n").await;
+        return;
+    }
     let (user, device) = match handshake::authenticate(&ctx.keys, &upgrade) {
         Ok(id) => id,
         Err(e) => {
@@ -129,7 +135,9 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         delivery: Delivery::new(0, MAX_UNACKED_TRACKED),
         mirror: false,
         watching: Vec::new(),
-        typing: RateLimit::new(ctx.cfg.typing_per_sec),
+        typing: RateLimit::per_sec(ctx.cfg.typing_per_sec),
+        messages: RateLimit::per_sec(ctx.cfg.messages_per_sec),
+        ops: RateLimit::per_sec(ctx.cfg.ops_per_sec),
     };
     let reason = session.run(upgrade.since.unwrap_or(0)).await;
     for u in std::mem::take(&mut session.watching) {
@@ -200,31 +208,8 @@ struct Session {
     /// Users whose presence changes are pushed to this connection.
     watching: Vec<UserId>,
     typing: RateLimit,
-}
-
-/// A token bucket: `rate` tokens a second, bursts up to `rate * 2`.
-struct RateLimit {
-    rate: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl RateLimit {
-    fn new(rate: u32) -> Self {
-        RateLimit { rate: rate as f64, tokens: rate as f64 * 2.0, at: Instant::now() }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate * 2.0);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+    messages: RateLimit,
+    ops: RateLimit,
 }
 
 /// Why a session ended, as a metrics label; the close frame (if any) was already sent.
@@ -430,6 +415,19 @@ impl Session {
             Ok(f) => f,
             Err(e) => return self.error(e.code, &e.msg, e.id.as_deref()).await,
         };
+        let limited = match &frame {
+            ClientFrame::Send { id, .. } | ClientFrame::GroupSend { id, .. } => (!self.messages.allow()).then_some(id),
+            ClientFrame::Group { id, .. } | ClientFrame::WhoRead { id, .. } | ClientFrame::Presence { id, .. } => {
+                (!self.ops.allow()).then_some(id)
+            }
+            _ => None,
+        };
+        if let Some(id) = limited {
+            let id = id.to_string();
+            return self
+                .error(ErrorCode::RateLimited, "too many requests; retry later with the same id", Some(&id))
+                .await;
+        }
         match frame {
             ClientFrame::Ping => self.send(ServerFrame::Pong.to_json()).await,
             ClientFrame::Ack { seq } => {

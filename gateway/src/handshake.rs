@@ -26,6 +26,8 @@ pub struct Upgrade {
     pub token: String,
     pub device: Option<String>,
     pub since: Option<u64>,
+    /// The browser's `Origin` header, if any.
+    pub origin: Option<String>,
 }
 
 /// Parses a complete request head (through the blank line). `Ok(None)` means more bytes are
@@ -78,7 +80,13 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, &'static str> 
                 if let Some(bearer) = header("authorization").and_then(|v| v.strip_prefix("Bearer ")) {
                     token = Some(bearer.trim().to_owned());
                 }
-                Request::Upgrade(Upgrade { key: key.to_owned(), token: token.unwrap_or_default(), device, since })
+                Request::Upgrade(Upgrade {
+                    key: key.to_owned(),
+                    token: token.unwrap_or_default(),
+                    device,
+                    since,
+                    origin: header("origin").map(str::to_owned),
+                })
             } else {
                 Request::Refuse(400, "Bad Request")
             }
@@ -93,6 +101,15 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, &'static str> 
         },
     };
     Ok(Some((request, len)))
+}
+
+/// Whether a browser origin may open a socket: no `Origin` header (not a browser) is always
+/// allowed; otherwise it must be listed, unless the list is empty (no origin policy).
+pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    match origin {
+        None => true,
+        Some(o) => allowed.is_empty() || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o)),
+    }
 }
 
 /// Why an upgrade was refused, with its HTTP status.
@@ -166,7 +183,8 @@ mod tests {
                 key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
                 token: "abc".into(),
                 device: Some("phone".into()),
-                since: Some(7)
+                since: Some(7),
+                origin: None,
             })
         );
     }
@@ -198,6 +216,19 @@ mod tests {
     }
 
     #[test]
+    fn origins() {
+        let list = vec!["https://chat.example".to_owned()];
+        assert!(origin_allowed(&list, None));
+        assert!(origin_allowed(&list, Some("https://chat.example")));
+        assert!(!origin_allowed(&list, Some("https://evil.example")));
+        assert!(origin_allowed(&[], Some("https://any.example")));
+        let (req, _) =
+            parse_head(UPGRADE.replace("Host: x\r\n", "Host: x\r\nOrigin: https://o\r\n").as_bytes()).unwrap().unwrap();
+        let Request::Upgrade(up) = req else { panic!() };
+        assert_eq!(up.origin.as_deref(), Some("https://o"));
+    }
+
+    #[test]
     fn accept_key_matches_rfc_example() {
         assert!(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==").contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
     }
@@ -205,7 +236,8 @@ mod tests {
     #[test]
     fn authentication_picks_the_device() {
         let keys = TokenKeys::hs256(b"0123456789abcdef", 0);
-        let mut up = Upgrade { key: "k".into(), token: keys.mint("al", None, 60), device: None, since: None };
+        let mut up =
+            Upgrade { key: "k".into(), token: keys.mint("al", None, 60), device: None, since: None, origin: None };
         assert_eq!(authenticate(&keys, &up).unwrap().1.as_str(), "default");
         up.device = Some("tab".into());
         assert_eq!(authenticate(&keys, &up).unwrap().1.as_str(), "tab");

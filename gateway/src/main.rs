@@ -15,6 +15,7 @@ mod handshake;
 mod metrics;
 mod outbox;
 mod presence;
+mod ratelimit;
 mod readiness;
 mod web;
 
