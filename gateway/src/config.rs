@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
+use protocol::{PublicKeyAlg, TokenKeys};
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "gateway", about = "WebSocket gateway: authenticates clients and bridges them to NATS JetStream")]
@@ -32,6 +33,13 @@ pub struct Config {
     /// File holding the HS256 token secret. Otherwise the secret is read from env JWT_SECRET.
     #[arg(long, env = "GATEWAY_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
+    /// Verify tokens with this PEM public key instead of a shared secret (the gateway then holds
+    /// no signing key and cannot serve dev tokens).
+    #[arg(long, env = "GATEWAY_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Algorithm of the public key: RS256, ES256 or EdDSA.
+    #[arg(long, env = "GATEWAY_JWT_ALGORITHM", default_value = "EdDSA")]
+    pub jwt_algorithm: String,
     /// Browser origins allowed to open a socket (comma-separated; `*` for any). Empty: no origin
     /// policy. Requests without an Origin header (non-browser clients) are not affected.
     #[arg(long, env = "GATEWAY_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -100,20 +108,35 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn load() -> anyhow::Result<(Self, Vec<u8>)> {
+    /// Parses the flags and reads the token keys.
+    pub fn load() -> anyhow::Result<(Self, TokenKeys)> {
         let cfg = Config::parse();
-        let secret = match &cfg.jwt_secret_file {
-            Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-            None => std::env::var("JWT_SECRET").unwrap_or_default().into_bytes(),
-        };
-        let secret = trim_ascii(secret);
-        if secret.len() < 16 {
-            bail!("the token secret (JWT_SECRET or --jwt-secret-file) must be at least 16 bytes");
-        }
         if cfg.max_body + 1024 > cfg.max_frame {
             bail!("--max-frame must exceed --max-body by at least 1 KiB of framing");
         }
-        Ok((cfg, secret))
+        let keys = match &cfg.jwt_public_key_file {
+            Some(p) => {
+                let pem = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                let alg: PublicKeyAlg = cfg.jwt_algorithm.parse().map_err(anyhow::Error::msg)?;
+                let keys = TokenKeys::public_key(alg, &pem, cfg.token_leeway_secs).map_err(anyhow::Error::msg)?;
+                if cfg.dev_tokens {
+                    bail!("--dev-tokens needs a shared secret to mint tokens, not a public key");
+                }
+                keys
+            }
+            None => {
+                let secret = match &cfg.jwt_secret_file {
+                    Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+                    None => std::env::var("JWT_SECRET").unwrap_or_default().into_bytes(),
+                };
+                let secret = trim_ascii(secret);
+                if secret.len() < 16 {
+                    bail!("the token secret (JWT_SECRET or --jwt-secret-file) must be at least 16 bytes");
+                }
+                TokenKeys::hs256(&secret, cfg.token_leeway_secs)
+            }
+        };
+        Ok((cfg, keys))
     }
 
     pub fn cores(&self) -> usize {

@@ -138,7 +138,7 @@ impl AuthError {
 /// The authenticated identity of an upgrade: user from the token; device from the token, else
 /// the handshake, else the default device.
 pub fn authenticate(keys: &TokenKeys, up: &Upgrade) -> Result<(UserId, DeviceId), AuthError> {
-    let Identity { user, device } = keys.verify(&up.token).map_err(AuthError::Token)?;
+    let Identity { user, device, .. } = keys.verify(&up.token).map_err(AuthError::Token)?;
     let device = match (device, &up.device) {
         (Some(d), _) => d,
         (None, Some(d)) => DeviceId::parse(d).map_err(|_| AuthError::BadDevice)?,

@@ -26,10 +26,10 @@ fn main() -> anyhow::Result<()> {
     // The config file becomes environment defaults before anything reads the environment.
     telemetry::apply_config_file()?;
     telemetry::init_logging("gateway");
-    let (cfg, secret) = config::Config::load()?;
+    let (cfg, keys) = config::Config::load()?;
     let cfg = Arc::new(cfg);
     let gateway_id: Arc<str> = cfg.gateway_id.clone().unwrap_or_else(|| format!("gw-{:08x}", rand_u32())).into();
-    let keys = Arc::new(protocol::TokenKeys::hs256(&secret, cfg.token_leeway_secs));
+    let keys = Arc::new(keys);
     let metrics = Arc::new(metrics::Metrics::new(&gateway_id));
     let health = Arc::new(telemetry::Health::default());
     let cores = cfg.cores();

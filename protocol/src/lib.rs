@@ -15,7 +15,7 @@ pub use frames::{
 };
 pub use ids::{ClientMsgId, DeviceId, GroupId, IdError, UserId};
 pub use item::InboxItem;
-pub use token::{Claims, Identity, TokenError, TokenKeys};
+pub use token::{Claims, Identity, PublicKeyAlg, TokenError, TokenKeys};
 
 /// Milliseconds since the Unix epoch, the one timestamp unit on the wire.
 pub fn now_ms() -> u64 {

@@ -11,6 +11,7 @@ async fn bad_tokens_are_refused_with_401() {
     let expired = sys.keys().mint_claims(&Claims {
         sub: "alice".into(),
         exp: protocol::now_ms() / 1000 - 3600, // far beyond any clock-skew allowance
+        iat: None,
         dev: Some("web".into()),
     });
     for (what, token) in
