@@ -18,6 +18,7 @@ NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
 GATEWAY_LISTEN="${GATEWAY_LISTEN:-127.0.0.1:8080}"
 GATEWAY_METRICS="${GATEWAY_METRICS:-127.0.0.1:9100}"
 STORAGE_METRICS="${STORAGE_METRICS:-127.0.0.1:9101}"
+ROUTER_METRICS="${ROUTER_METRICS:-127.0.0.1:9102}"
 NATS_MONITOR_PORT="${NATS_MONITOR_PORT:-8222}"
 GATEWAY_CORES="${GATEWAY_CORES:-1}"
 run="$root/.run"
@@ -28,7 +29,7 @@ pids=()
 names=()
 stop_all() {
     trap - INT TERM EXIT
-    # Newest first: gateway, storage, then nats-server.
+    # Newest first: gateway, router, storage, then nats-server.
     for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
         if kill -0 "${pids[i]}" 2>/dev/null; then
             echo "stopping ${names[i]} (pid ${pids[i]})"
@@ -108,10 +109,9 @@ fi
 start storage "$bin/storage" --nats-url "$NATS_URL" --metrics-addr "$STORAGE_METRICS"
 wait_ok storage "$STORAGE_METRICS" /readyz
 
-# ---- router (issue 3): start it here, between storage and the gateway, e.g. ----
-# start router "$bin/router" --nats-url "$NATS_URL" --metrics-addr "$ROUTER_METRICS"
-# wait_ok router "$ROUTER_METRICS" /readyz
-# ---- end router ----
+# The router serves group membership and fans group messages out.
+start router "$bin/router" --nats-url "$NATS_URL" --metrics-addr "$ROUTER_METRICS"
+wait_ok router "$ROUTER_METRICS" /readyz
 
 # A dev secret, generated once and kept so dev tokens stay valid across runs.
 if [[ ! -s "$run/jwt-secret" ]]; then
@@ -125,9 +125,10 @@ wait_ok gateway "$GATEWAY_METRICS" /readyz
 cat <<INFO
 
 The system is up (Ctrl-C stops it).
+  web client:  http://$GATEWAY_LISTEN/   (sign in with any name)
   WebSocket:   ws://$GATEWAY_LISTEN/ws?token=<token>
   dev token:   http://$GATEWAY_LISTEN/dev/token?user=alice   (add &device=web for a device)
-  metrics:     http://$GATEWAY_METRICS/metrics (gateway), http://$STORAGE_METRICS/metrics (storage)
+  metrics:     http://$GATEWAY_METRICS/metrics (gateway), http://$STORAGE_METRICS/metrics (storage), http://$ROUTER_METRICS/metrics (router)
   NATS:        $NATS_URL
   logs:        .run/*.log   dev secret: .run/jwt-secret
 INFO

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 pub use http::{http_get, wait_http_ok};
 pub use nats::{nats_server_bin, NatsServer};
 pub use proc::Proc;
-pub use services::{Gateway, Storage, System};
+pub use services::{Gateway, Router, Storage, System};
 pub use ws::{ws_request_url, Event, Inbox, Synced, WsClient};
 
 /// How long services get to become ready. Generous: debug builds on 2 busy cores.

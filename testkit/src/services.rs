@@ -48,6 +48,51 @@ impl Storage {
     }
 }
 
+/// The `router` service: group membership and fan-out.
+pub struct Router {
+    pub proc: Proc,
+    pub metrics_addr: String,
+}
+
+impl Router {
+    /// `router --nats-url <url> --metrics-addr 127.0.0.1:<free> <extra>`; waits for `/readyz`.
+    pub async fn start(nats_url: &str, extra: &[&str]) -> Router {
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let mut args = strings(&["--nats-url", nats_url, "--metrics-addr", &metrics_addr]);
+        args.extend(strings(extra));
+        let proc = Proc::spawn("router", &bin_path("router"), &args, &[]);
+        let mut r = Router { proc, metrics_addr };
+        r.wait_ready().await;
+        r
+    }
+
+    pub async fn wait_ready(&mut self) {
+        self.proc.wait_ready(&self.metrics_addr, READY_TIMEOUT).await
+    }
+
+    /// `kill -9`, start again with the same arguments, wait for readiness.
+    pub async fn restart(&mut self) {
+        self.proc.respawn();
+        self.wait_ready().await;
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (code, body) =
+            crate::http_get(&format!("http://{}/metrics", self.metrics_addr)).await.expect("router metrics");
+        assert_eq!(code, 200);
+        body
+    }
+
+    /// The value of an unlabelled metric (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
 /// A `gateway` process. Its ports (and `--gateway-id`) stay the same across restarts, so
 /// [`Gateway::ws_url`] stays valid.
 pub struct Gateway {
@@ -105,6 +150,11 @@ impl Gateway {
         format!("http://{}/metrics", self.metrics_addr)
     }
 
+    /// `http://127.0.0.1:<metrics port>/readyz` (200 while serving, 503 while draining).
+    pub fn readyz_url(&self) -> String {
+        format!("http://{}/readyz", self.metrics_addr)
+    }
+
     /// Waits for `/readyz` = 200, then for the WebSocket listener to accept TCP connections
     /// (readiness can be reported a moment before the executors have bound their listeners).
     pub async fn wait_ready(&mut self) {
@@ -139,10 +189,12 @@ impl Gateway {
     }
 }
 
-/// A whole system for one test: a nats-server, storage, and `n` gateways sharing a token secret.
+/// A whole system for one test: a nats-server, storage, a router, and `n` gateways sharing a
+/// token secret.
 pub struct System {
-    // Field order is drop order: gateways, then storage, then the server they talk to.
+    // Field order is drop order: gateways, then router and storage, then the server they talk to.
     pub gateways: Vec<Gateway>,
+    pub router: Router,
     pub storage: Storage,
     pub nats: NatsServer,
     secret: String,
@@ -158,6 +210,7 @@ impl System {
     pub async fn start_with(gateways: usize, gateway_args: &[&str]) -> System {
         let nats = NatsServer::start().await;
         let storage = Storage::start(&nats.url()).await;
+        let router = Router::start(&nats.url(), &[]).await;
         // A fresh secret per system: tokens of one test never work against another.
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -166,7 +219,7 @@ impl System {
         let gateways =
             futures::future::join_all((0..gateways).map(|_| Gateway::start_with(&url, &secret, gateway_args))).await;
         let keys = TokenKeys::hs256(secret.as_bytes(), 5);
-        System { gateways, storage, nats, secret, keys }
+        System { gateways, router, storage, nats, secret, keys }
     }
 
     /// A token for `user` (with `dev` = `device` when given), valid for an hour.

@@ -11,54 +11,12 @@ use async_nats::jetstream;
 use protocol::groups::{GroupEntry, GroupOp, GroupReply, GroupRequest, GroupState};
 use protocol::item::InboxItem;
 use protocol::{subjects, UserId};
-use testkit::{bin_path, free_port, NatsServer, Proc, Storage, READY_TIMEOUT};
+use testkit::{NatsServer, Storage};
 
 /// How long a test waits for the fan-out to finish (debug builds on 2 busy cores).
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// A `router` process with its own metrics port.
-pub struct Router {
-    pub proc: Proc,
-    pub metrics_addr: String,
-}
-
-impl Router {
-    pub async fn start(nats_url: &str, extra: &[&str]) -> Router {
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let mut args: Vec<String> =
-            ["--nats-url", nats_url, "--metrics-addr", &metrics_addr].iter().map(|s| s.to_string()).collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = Proc::spawn("router", &bin_path("router"), &args, &[]);
-        let mut r = Router { proc, metrics_addr };
-        r.wait_ready().await;
-        r
-    }
-
-    pub async fn wait_ready(&mut self) {
-        self.proc.wait_ready(&self.metrics_addr, READY_TIMEOUT).await
-    }
-
-    /// `kill -9`, start again with the same arguments, wait for readiness.
-    pub async fn restart(&mut self) {
-        self.proc.respawn();
-        self.wait_ready().await;
-    }
-
-    pub async fn metrics(&self) -> String {
-        let (code, body) = testkit::http_get(&format!("http://{}/metrics", self.metrics_addr)).await.unwrap();
-        assert_eq!(code, 200);
-        body
-    }
-
-    /// The value of an unlabelled metric (0 when absent).
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = self.metrics().await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .map(|v| v.trim().parse().unwrap())
-            .unwrap_or(0.0)
-    }
-}
+pub use testkit::Router;
 
 /// nats-server, storage (which provisions the streams), and a client.
 pub struct Env {
