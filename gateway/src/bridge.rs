@@ -737,7 +737,7 @@ async fn publish(
 /// Header marking a frame on `live.<user>` that was never stored (typing).
 const EPHEMERAL_HEADER: &str = "Chat-Ephemeral";
 /// Header marking an inbox item that deserves a push notification (storage/README.md).
-const PUSH_HEADER: &str = "Chat-Push";
+use protocol::subjects::PUSH_HEADER;
 
 async fn publish_ephemeral(client: &async_nats::Client, to: &UserId, frame: String) {
     let mut headers = async_nats::HeaderMap::new();

@@ -45,6 +45,10 @@ pub fn presence_key(user: &str, gateway: &str) -> String {
     format!("{user}.{gateway}")
 }
 
+/// Header on inbox items that deserve a push notification when the recipient has no live
+/// device (1:1 chat messages and members' copies of group messages).
+pub const PUSH_HEADER: &str = "Chat-Push";
+
 /// Core NATS subject of push-notification events for a user with no connected device.
 pub fn push(user: &str) -> String {
     format!("push.{user}")

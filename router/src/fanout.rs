@@ -553,7 +553,7 @@ impl<'a> Pipeline<'a> {
         let mut publish = PublishMessage::build().payload(payload).message_id(msg_id);
         if push {
             // Storage announces the item if the member has no live device (storage/README.md).
-            publish = publish.header("Chat-Push", "1");
+            publish = publish.header(protocol::subjects::PUSH_HEADER, "1");
         }
         let ack = self.js.send_publish(subject, publish).await.map_err(|e| anyhow!("publishing: {e}"))?;
         let tag = self.current;

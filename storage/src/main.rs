@@ -5,14 +5,18 @@
 //! bucket ([`watcher`]) into an in-memory table ([`cursors`]) and purges acknowledged messages in
 //! batches ([`purger`]). It follows the RECEIPTS stream into a per-message receipt book
 //! ([`receipt_book`], [`receipts`]), stores aggregate ticks in senders' inboxes and answers
-//! "who read this" queries. Metrics and health are served over HTTP (`telemetry`).
+//! "who read this" queries. It emits push-notification events for pushable items stored for users
+//! with no live device ([`push`], [`notifier`]; storage/README.md). Metrics and health are served
+//! over HTTP (`telemetry`).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod cursors;
 mod metrics;
+mod notifier;
 mod purger;
+mod push;
 mod receipt_book;
 mod receipts;
 mod stats;
@@ -70,6 +74,21 @@ struct Args {
     /// Most fully-read group messages remembered for "who read this" queries (0: none).
     #[arg(long, env = "STORAGE_RECEIPT_DONE_ENTRIES", default_value_t = 100_000)]
     receipt_done_entries: usize,
+    /// Publish push-notification events on `push.<user>` for pushable items stored while the
+    /// user has no live device (`--push-enabled false` turns it off).
+    #[arg(long, env = "STORAGE_PUSH_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    push_enabled: bool,
+    /// At most one push event per user per this many seconds (later items are counted into the
+    /// next event).
+    #[arg(long, env = "STORAGE_PUSH_DEBOUNCE_SECS", default_value_t = 30)]
+    push_debounce_secs: u64,
+    /// Most users whose push debounce window is tracked at once; the oldest are dropped beyond it.
+    #[arg(long, env = "STORAGE_PUSH_MAX_USERS", default_value_t = 1_000_000)]
+    push_max_users: usize,
+    /// After this long without a heartbeat a gateway is dead and its users count as offline; keep
+    /// it equal to the gateways' --presence-timeout-secs.
+    #[arg(long, env = "STORAGE_PUSH_PRESENCE_TIMEOUT_SECS", default_value_t = 30)]
+    push_presence_timeout_secs: u64,
 }
 
 impl Args {
@@ -86,6 +105,9 @@ impl Args {
             ("--group-max-age-secs", self.group_max_age_secs),
             ("--receipts-max-age-secs", self.receipts_max_age_secs),
             ("--receipt-entries", self.receipt_entries as u64),
+            ("--push-debounce-secs", self.push_debounce_secs),
+            ("--push-max-users", self.push_max_users as u64),
+            ("--push-presence-timeout-secs", self.push_presence_timeout_secs),
         ] {
             // 0 would mean "unlimited" to JetStream, or a busy loop here.
             if v == 0 {
@@ -108,6 +130,16 @@ impl Args {
             max_entries: self.receipt_entries,
             max_age_ms: self.receipts_max_age_secs.saturating_mul(1000),
             done_capacity: self.receipt_done_entries,
+        }
+    }
+
+    fn notifier_config(&self) -> notifier::NotifierConfig {
+        notifier::NotifierConfig {
+            debounce: push::DebounceConfig {
+                window_ms: self.push_debounce_secs.saturating_mul(1000),
+                max_users: self.push_max_users,
+            },
+            presence_timeout: Duration::from_secs(self.push_presence_timeout_secs),
         }
     }
 
@@ -195,9 +227,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         js.clone(),
         Arc::new(receipts::Shared::new(ReceiptBook::new(args.book_config()))),
         metrics.clone(),
-        reconnects_rx,
+        reconnects_rx.clone(),
         shutdown_rx.clone(),
     );
+    let notifier = args.push_enabled.then(|| {
+        tokio::spawn(notifier::run(
+            js.clone(),
+            args.notifier_config(),
+            metrics.clone(),
+            reconnects_rx.clone(),
+            shutdown_rx.clone(),
+        ))
+    });
     let purger = tokio::spawn(purger::run(js, table, metrics, purge_cfg, shutdown_rx));
 
     stop.await;
@@ -209,6 +250,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = watcher.await;
     // Stops consuming and answering, then publishes the ticks already due (bounded in time).
     let _ = receipts.await;
+    if let Some(n) = notifier {
+        let _ = n.await;
+    }
     connection.abort();
     stats.abort();
     tracing::info!("stopped");
@@ -317,6 +361,24 @@ mod tests {
         a.validate().unwrap();
         assert_eq!(a.book_config(), BookConfig { max_entries: 10, max_age_ms: 3_600_000, done_capacity: 0 });
         assert_eq!(a.stream_settings().group_max_age, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn push_flags_have_their_defaults_and_are_validated() {
+        let a = parse(&[]);
+        assert!(a.push_enabled);
+        let c = a.notifier_config();
+        assert_eq!(c.debounce, push::DebounceConfig { window_ms: 30_000, max_users: 1_000_000 });
+        assert_eq!(c.presence_timeout, Duration::from_secs(30));
+        let a = parse(&["--push-enabled", "false", "--push-debounce-secs", "5", "--push-max-users", "7"]);
+        a.validate().unwrap();
+        assert!(!a.push_enabled);
+        assert_eq!(a.notifier_config().debounce, push::DebounceConfig { window_ms: 5_000, max_users: 7 });
+        for bad in
+            [&["--push-debounce-secs", "0"][..], &["--push-max-users", "0"], &["--push-presence-timeout-secs", "0"]]
+        {
+            assert!(parse(bad).validate().is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

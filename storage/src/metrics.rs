@@ -33,6 +33,14 @@ pub struct Metrics {
     pub receipt_evictions: Counter,
     pub receipt_queries: Counter,
     pub receipt_consumer_restarts: Counter,
+    pub push_events: Counter,
+    /// By `reason`: online, debounced.
+    pub push_suppressed: Family<Labels, Counter>,
+    pub push_tracked_users: Gauge,
+    pub push_evictions: Counter,
+    pub push_online_records: Gauge,
+    pub push_gateways: Gauge,
+    pub push_restarts: Counter,
 }
 
 impl Metrics {
@@ -58,6 +66,13 @@ impl Metrics {
             receipt_evictions: Counter::default(),
             receipt_queries: Counter::default(),
             receipt_consumer_restarts: Counter::default(),
+            push_events: Counter::default(),
+            push_suppressed: Family::default(),
+            push_tracked_users: Gauge::default(),
+            push_evictions: Counter::default(),
+            push_online_records: Gauge::default(),
+            push_gateways: Gauge::default(),
+            push_restarts: Counter::default(),
         };
         let mut r = Registry::default();
         r.register(
@@ -122,6 +137,34 @@ impl Metrics {
             "Times the RECEIPTS consumer was re-created",
             m.receipt_consumer_restarts.clone(),
         );
+        r.register("storage_push_events", "Push notification events published on push.<user>", m.push_events.clone());
+        r.register(
+            "storage_push_suppressed",
+            "Pushable inbox items that caused no event of their own, by reason (online: the user has a live \
+             device; debounced: counted for the user's next event)",
+            m.push_suppressed.clone(),
+        );
+        r.register(
+            "storage_push_tracked_users",
+            "Users with a push event in their current debounce window",
+            m.push_tracked_users.clone(),
+        );
+        r.register(
+            "storage_push_evictions",
+            "Users dropped from push debouncing for the --push-max-users cap (their counted items are not announced)",
+            m.push_evictions.clone(),
+        );
+        r.register(
+            "storage_push_online_records",
+            "Presence records saying online held by the push notifier",
+            m.push_online_records.clone(),
+        );
+        r.register("storage_push_gateways", "Gateway heartbeats held by the push notifier", m.push_gateways.clone());
+        r.register(
+            "storage_push_restarts",
+            "Times the push notifier re-created its watches and INBOX consumer",
+            m.push_restarts.clone(),
+        );
         (m, r)
     }
 }
@@ -136,6 +179,7 @@ mod tests {
         m.purge_seconds.observe(0.002);
         m.receipt_events.get_or_create(&[("kind", "sent")]).inc();
         m.group_receipts_emitted.get_or_create(&[("status", "read")]).inc();
+        m.push_suppressed.get_or_create(&[("reason", "online")]).inc();
         let text = telemetry::encode_registry(&r);
         for name in [
             "storage_cursor_updates_total ",
@@ -152,6 +196,12 @@ mod tests {
             "storage_receipt_entries ",
             "storage_receipt_evictions_total ",
             "storage_receipt_queries_total ",
+            "storage_push_events_total ",
+            "storage_push_suppressed_total{reason=\"online\"} 1",
+            "storage_push_tracked_users ",
+            "storage_push_evictions_total ",
+            "storage_push_online_records ",
+            "storage_push_gateways ",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

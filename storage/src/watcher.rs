@@ -190,7 +190,7 @@ fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
 
 /// A missed heartbeat is reported once while the ordered consumer re-creates itself; the watch
 /// goes on after it. Anything else ends the watch.
-fn is_transient(e: &kv::WatcherError) -> bool {
+pub(crate) fn is_transient(e: &kv::WatcherError) -> bool {
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<OrderedError>())
         .is_some_and(|o| o.kind() == OrderedErrorKind::MissingHeartbeat)
