@@ -22,6 +22,8 @@ pub struct StreamSettings {
     pub group_max_age: Duration,
     /// How long group receipt events are kept (storage rebuilds its aggregates from them).
     pub receipts_max_age: Duration,
+    /// How long a revocation is kept: at least the longest token lifetime.
+    pub revocation_max_age: Duration,
 }
 
 impl Default for StreamSettings {
@@ -33,6 +35,7 @@ impl Default for StreamSettings {
             cursor_max_age: Duration::from_secs(30 * 24 * 3600),
             group_max_age: Duration::from_secs(24 * 3600),
             receipts_max_age: Duration::from_secs(7 * 24 * 3600),
+            revocation_max_age: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -122,12 +125,13 @@ fn bucket(s: &StreamSettings, name: &str, description: &str, max_age: Duration) 
 /// The buckets beside the cursors: group state by group id, each user's groups, presence per
 /// `<user>.<gateway>` (kept as long as last seen matters), and gateway heartbeats (a dead
 /// gateway's beat is removed by the gateway that reaps it).
-pub fn other_buckets(s: &StreamSettings) -> [kv::Config; 4] {
+pub fn other_buckets(s: &StreamSettings) -> [kv::Config; 5] {
     [
         bucket(s, subjects::GROUPS_BUCKET, "group state by group id (JSON GroupState)", Duration::ZERO),
         bucket(s, subjects::MEMBERSHIPS_BUCKET, "group ids by user id (JSON list)", Duration::ZERO),
         bucket(s, subjects::PRESENCE_BUCKET, "presence by <user>.<gateway> (JSON PresenceRecord)", s.cursor_max_age),
         bucket(s, subjects::GATEWAYS_BUCKET, "gateway heartbeats (JSON GatewayBeat)", Duration::ZERO),
+        bucket(s, subjects::REVOCATIONS_BUCKET, "session revocations by user (JSON Revocation)", s.revocation_max_age),
     ]
 }
 
@@ -160,6 +164,7 @@ pub async fn wait_ready(js: &jetstream::Context) -> anyhow::Result<()> {
             subjects::MEMBERSHIPS_BUCKET,
             subjects::PRESENCE_BUCKET,
             subjects::GATEWAYS_BUCKET,
+            subjects::REVOCATIONS_BUCKET,
         ] {
             if js.get_key_value(bucket).await.is_err() {
                 missing.push(bucket);

@@ -208,6 +208,11 @@ pub enum ExecEvent {
     ResyncAll,
     /// The gateway is shutting down: stop accepting and send clients elsewhere.
     Drain,
+    /// Close `user`'s sessions authenticated with tokens issued before `before` (seconds).
+    Revoke {
+        user: UserId,
+        before: u64,
+    },
 }
 
 /// The executors' handle on the bridge. Cheap to clone; usable from any thread.
@@ -335,6 +340,7 @@ pub fn start(
     ready: Arc<Readiness>,
     health: Arc<telemetry::Health>,
     metrics_addr: std::net::SocketAddr,
+    revocations: Arc<crate::revocation::Revocations>,
 ) -> anyhow::Result<(Bridge, Vec<flume::Receiver<ExecEvent>>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = flume::unbounded();
     let (exec_tx, exec_rx): (Vec<_>, Vec<_>) = (0..executors).map(|_| flume::unbounded()).unzip();
@@ -347,7 +353,7 @@ pub fn start(
                 tracing::error!(error = %e, "metrics endpoint failed to start");
                 std::process::exit(1);
             }
-            if let Err(e) = run(cfg, rx, exec_tx, metrics, ready).await {
+            if let Err(e) = run(cfg, rx, exec_tx, metrics, ready, revocations).await {
                 tracing::error!(error = %format!("{e:#}"), "bridge failed");
                 std::process::exit(1);
             }
@@ -409,6 +415,7 @@ async fn run(
     exec_tx: Vec<flume::Sender<ExecEvent>>,
     metrics: Arc<Metrics>,
     ready: Arc<Readiness>,
+    revocations: Arc<crate::revocation::Revocations>,
 ) -> anyhow::Result<()> {
     let (ev_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let client = bus::connect(&cfg.nats, &format!("gateway {}", cfg.gateway_id), Some(ev_tx)).await?;
@@ -429,6 +436,7 @@ async fn run(
     let mut groups: FxHashMap<String, CachedGroup> = FxHashMap::default();
     let mut group_waits: FxHashMap<String, Vec<GroupWait>> = FxHashMap::default();
     let groups_kv = js.get_key_value(subjects::GROUPS_BUCKET).await?;
+    crate::revocation::spawn_watch(js.clone(), revocations, exec_tx.clone());
     let mut read_marks: FxHashMap<(UserId, String, bool), (u64, String)> = FxHashMap::default();
     let presence = presence::spawn(
         client.clone(),

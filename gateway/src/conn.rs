@@ -100,7 +100,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         let _ = respond(&mut stream, 403, "Forbidden", "origin not allowed\n").await;
         return;
     }
-    let (user, device) = match handshake::authenticate(&ctx.keys, &upgrade) {
+    let (user, device, issued_at) = match handshake::authenticate(&ctx.keys, &upgrade) {
         Ok(id) => id,
         Err(e) => {
             ctx.metrics.handshake_failed(e.cause());
@@ -109,6 +109,11 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
             return;
         }
     };
+    if ctx.revocations.is_revoked(user.as_str(), issued_at) {
+        ctx.metrics.handshake_failed("token_revoked");
+        let _ = respond(&mut stream, 401, "Unauthorized", "token_revoked\n").await;
+        return;
+    }
     if stream.write_all(handshake::switching_protocols(&upgrade.key).as_bytes()).await.is_err() {
         ctx.metrics.handshake_failed("io_error");
         return;
@@ -124,7 +129,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
     let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config)).await;
 
     ctx.metrics.connections_open.inc();
-    let outbox = Rc::new(Outbox::new(ctx.cfg.send_queue));
+    let outbox = Rc::new(Outbox::new(ctx.cfg.send_queue, issued_at));
     ctx.register(&user, &outbox);
     let mut session = Session {
         ctx: ctx.clone(),

@@ -25,6 +25,7 @@ pub struct ExecCtx {
     pub metrics: Arc<Metrics>,
     pub gateway_id: Arc<str>,
     pub limits: protocol::Limits,
+    pub revocations: Arc<crate::revocation::Revocations>,
     /// Connections by user, for live dispatch.
     sessions: RefCell<FxHashMap<UserId, Vec<Rc<Outbox>>>>,
     /// Connections watching a user's presence (`presence_sub`).
@@ -69,6 +70,13 @@ impl ExecCtx {
                 if let Some(list) = map.borrow().get(&user) {
                     for o in list {
                         o.push(LiveCopy { seq: 0, prev: 0, payload: frame.clone() });
+                    }
+                }
+            }
+            ExecEvent::Revoke { user, before } => {
+                if let Some(list) = self.sessions.borrow().get(&user) {
+                    for o in list.iter().filter(|o| o.issued_at() < before) {
+                        o.kick(1008, "session revoked");
                     }
                 }
             }
@@ -175,6 +183,7 @@ impl ExecCtx {
         bridge: Bridge,
         metrics: Arc<Metrics>,
         gateway_id: Arc<str>,
+        revocations: Arc<crate::revocation::Revocations>,
     ) -> Self {
         let limits = protocol::Limits { max_body: cfg.max_body };
         ExecCtx {
@@ -185,6 +194,7 @@ impl ExecCtx {
             metrics,
             gateway_id,
             limits,
+            revocations,
             sessions: RefCell::new(FxHashMap::default()),
             watchers: RefCell::new(FxHashMap::default()),
             draining: Cell::new(false),

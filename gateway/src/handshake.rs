@@ -137,14 +137,15 @@ impl AuthError {
 
 /// The authenticated identity of an upgrade: user from the token; device from the token, else
 /// the handshake, else the default device.
-pub fn authenticate(keys: &TokenKeys, up: &Upgrade) -> Result<(UserId, DeviceId), AuthError> {
-    let Identity { user, device, .. } = keys.verify(&up.token).map_err(AuthError::Token)?;
+/// The authenticated (user, device, token issued-at).
+pub fn authenticate(keys: &TokenKeys, up: &Upgrade) -> Result<(UserId, DeviceId, u64), AuthError> {
+    let Identity { user, device, issued_at } = keys.verify(&up.token).map_err(AuthError::Token)?;
     let device = match (device, &up.device) {
         (Some(d), _) => d,
         (None, Some(d)) => DeviceId::parse(d).map_err(|_| AuthError::BadDevice)?,
         (None, None) => DeviceId::default_device(),
     };
-    Ok((user, device))
+    Ok((user, device, issued_at))
 }
 
 pub fn switching_protocols(key: &str) -> String {

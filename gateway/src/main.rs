@@ -17,6 +17,7 @@ mod outbox;
 mod presence;
 mod ratelimit;
 mod readiness;
+mod revocation;
 mod web;
 
 #[global_allocator]
@@ -34,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     let health = Arc::new(telemetry::Health::default());
     let cores = cfg.cores();
     let ready = Arc::new(readiness::Readiness::new(health.clone(), cores));
+    let revocations = Arc::new(revocation::Revocations::default());
 
     let (bridge, exec_events, _bridge_thread) = bridge::start(
         bridge::BridgeConfig {
@@ -49,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         ready.clone(),
         health.clone(),
         cfg.metrics_addr,
+        revocations.clone(),
     )?;
 
     // The executors accept only once the backbone is ready, so that readiness means "serving".
@@ -59,14 +62,21 @@ fn main() -> anyhow::Result<()> {
     let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut handles = Vec::new();
     for (id, events) in exec_events.into_iter().enumerate() {
-        let (cfg, keys, bridge, metrics, gateway_id, ready) =
-            (cfg.clone(), keys.clone(), bridge.clone(), metrics.clone(), gateway_id.clone(), ready.clone());
+        let (cfg, keys, bridge, metrics, gateway_id, ready, revocations) = (
+            cfg.clone(),
+            keys.clone(),
+            bridge.clone(),
+            metrics.clone(),
+            gateway_id.clone(),
+            ready.clone(),
+            revocations.clone(),
+        );
         let placement = if cores <= online { Placement::Fixed(id) } else { Placement::Unbound };
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("gateway-{id}"))
             .io_memory(cfg.io_memory)
             .spawn(move || async move {
-                let ctx = Rc::new(executor::ExecCtx::new(id, cfg, keys, bridge, metrics, gateway_id));
+                let ctx = Rc::new(executor::ExecCtx::new(id, cfg, keys, bridge, metrics, gateway_id, revocations));
                 executor::run(ctx, events, ready).await
             })
             .map_err(|e| anyhow::anyhow!("starting executor {id}: {e}"))?;

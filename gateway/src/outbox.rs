@@ -26,17 +26,24 @@ pub struct Outbox {
     resync: Cell<bool>,
     kick: Cell<Option<(u16, &'static str)>>,
     waker: RefCell<Option<Waker>>,
+    /// When the session's token was issued (seconds), for revocations.
+    issued_at: u64,
 }
 
 impl Outbox {
-    pub fn new(cap: usize) -> Self {
+    pub fn new(cap: usize, issued_at: u64) -> Self {
         Outbox {
             queue: RefCell::new(VecDeque::new()),
             cap,
             resync: Cell::new(false),
             kick: Cell::new(None),
             waker: RefCell::new(None),
+            issued_at,
         }
+    }
+
+    pub fn issued_at(&self) -> u64 {
+        self.issued_at
     }
 
     pub fn push(&self, copy: LiveCopy) {
@@ -110,7 +117,7 @@ mod tests {
 
     #[test]
     fn overflow_turns_into_a_resync() {
-        let o = Outbox::new(2);
+        let o = Outbox::new(2, 0);
         o.push(copy(1));
         o.push(copy(2));
         o.push(copy(3));
@@ -121,7 +128,7 @@ mod tests {
 
     #[test]
     fn take_all_returns_in_order() {
-        let o = Outbox::new(8);
+        let o = Outbox::new(8, 0);
         o.push(copy(1));
         o.push(copy(2));
         let got: Vec<u64> = o.take_all().into_iter().map(|c| c.seq).collect();

@@ -139,6 +139,13 @@ pub struct PresenceRecord {
     pub at: u64,
 }
 
+/// A revocation of a user's sessions (KV `revocations`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Tokens issued (`iat`) before this time, in seconds since the epoch, are refused.
+    pub before: u64,
+}
+
 /// A gateway's heartbeat (KV `gateways`): a gateway whose beat is older than the liveness
 /// timeout is dead, and the users it held are offline since that beat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

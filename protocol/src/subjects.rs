@@ -33,6 +33,9 @@ pub const RECEIPT_QUERY_SERVICE: &str = "svc.receipts";
 
 /// KV bucket of presence records, keyed `<user>.<gateway>` (JSON `PresenceRecord`).
 pub const PRESENCE_BUCKET: &str = "presence";
+/// KV bucket of session revocations, keyed by user id (JSON `Revocation`): tokens issued before
+/// `before` are refused and the user's sessions are closed.
+pub const REVOCATIONS_BUCKET: &str = "revocations";
 /// KV bucket of gateway heartbeats, keyed by gateway id (JSON `GatewayBeat`).
 pub const GATEWAYS_BUCKET: &str = "gateways";
 
