@@ -252,6 +252,14 @@ async fn query(
             Some((gw, serde_json::from_slice(&v).ok()?))
         })
         .collect();
+    // A gateway that started since the beats were last loaded is unknown here, not dead: read
+    // the beats again before judging its records.
+    let unknown = parsed.iter().any(|(gw, _)| gw != me && !beats.contains_key(gw));
+    if unknown {
+        if let Ok(fresh) = load_beats(client).await {
+            return combine(user, &parsed, &fresh, me, protocol::now_ms(), timeout_ms);
+        }
+    }
     combine(user, &parsed, beats, me, protocol::now_ms(), timeout_ms)
 }
 

@@ -345,7 +345,7 @@
     switch (m.k) {
       case 'chat': {
         const c = conv('direct', m.from);
-        if (!c.msgs.some((x) => !x.mine && x.kind === 'msg' && x.from === m.from && x.id === m.id)) {
+        if (!c.msgs.some((x) => x.kind === 'msg' && x.from === m.from && x.id === m.id)) {
           addMsg(c, { kind: 'msg', sid: seq, from: m.from, id: m.id, body: m.body, ts: m.ts, mine: false });
         }
         stopTyping(c, m.from);
@@ -415,7 +415,7 @@
 
   function eventText(m) {
     const who = (u) => (u === S.user ? 'you' : u);
-    const list = (m.members || []).map(who).join(', ');
+    const list = (m.members || []).filter((u) => m.event !== 'created' || u !== m.by).map(who).join(', ');
     switch (m.event) {
       case 'created': return `${who(m.by)} created the group “${m.name}”${list ? ` with ${list}` : ''}`;
       case 'added': return `${who(m.by)} added ${list}`;
@@ -714,7 +714,7 @@
 
   function tickEl(c, m) {
     const st = tickOf(c, m);
-    const glyph = { pending: '🕓', sent: '✓', delivered: '✓✓', read: '✓✓', failed: '!' }[st];
+    const glyph = { pending: '◷', sent: '✓', delivered: '✓✓', read: '✓✓', failed: '!' }[st];
     const attrs = { class: `tick tick-${st}`, 'data-status': st, title: TICK_LABEL[st], 'aria-label': TICK_LABEL[st] };
     if (c.kind === 'group' && m.sid) {
       // Who got it / read it, on demand.
@@ -732,6 +732,7 @@
     $('empty').hidden = !!c;
     $('composer').hidden = !c;
     const box = $('messages');
+    box.hidden = !c;
     if (!c) {
       box.replaceChildren();
       return;

@@ -1,6 +1,7 @@
 //! A real nats-server with JetStream, on free ports, with its own store in a temp dir.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
@@ -17,8 +18,48 @@ pub struct NatsServer {
 
 impl NatsServer {
     /// Starts a server on a free client port and a free monitoring port and waits until
-    /// JetStream answers.
+    /// JetStream answers. A "free" port can be taken by a concurrent test before the server
+    /// binds it; the server then exits (or another server answers on its monitoring port), and
+    /// it is started again on other ports.
     pub async fn start() -> NatsServer {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let mut s = Self::spawn_on_free_ports();
+            if s.owns_its_ports().await {
+                s.wait_ready().await;
+                return s;
+            }
+            if attempt == ATTEMPTS {
+                panic!("nats-server could not bind free ports in {ATTEMPTS} attempts\n{}", s.proc.log_tail());
+            }
+            // Dropping `s` kills it and removes its store.
+        }
+        unreachable!()
+    }
+
+    /// Waits (bounded) until this server answers on its monitoring port as itself (its `/varz`
+    /// names its client port). False if it exited first (a port was taken) or another server
+    /// answers there.
+    async fn owns_its_ports(&mut self) -> bool {
+        let varz = format!("http://127.0.0.1:{}/varz", self.monitor_port);
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if !self.proc.is_running() {
+                return false;
+            }
+            if let Ok((200, body)) = crate::http_get(&varz).await {
+                let port = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["port"].as_u64());
+                // Still running after answering: it did bind both ports.
+                return port == Some(u64::from(self.port)) && self.proc.is_running();
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!("nats-server: {varz} did not answer within {READY_TIMEOUT:?}\n{}", self.proc.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn spawn_on_free_ports() -> NatsServer {
         let store = tempfile::Builder::new().prefix("testkit-nats-store-").tempdir().expect("creating the store dir");
         let (port, monitor_port) = (free_port(), free_port());
         let args: Vec<String> = [
@@ -36,9 +77,7 @@ impl NatsServer {
         .map(|s| s.to_string())
         .collect();
         let proc = Proc::spawn("nats-server", &nats_server_bin(), &args, &[]);
-        let mut s = NatsServer { proc, store, port, monitor_port };
-        s.wait_ready().await;
-        s
+        NatsServer { proc, store, port, monitor_port }
     }
 
     /// `nats://127.0.0.1:<port>`.

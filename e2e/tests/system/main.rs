@@ -10,11 +10,20 @@
 
 mod auth;
 mod delivery;
+mod devices;
+mod drain;
+mod group_crash;
+mod group_kit;
+mod group_receipts;
+mod groups;
+mod heartbeat;
 mod malformed;
+mod presence;
 mod receipts;
 mod restart;
 mod retention;
 mod retry;
+mod typing;
 
 use std::time::Duration;
 
@@ -71,5 +80,31 @@ async fn send_retrying(c: &mut WsClient, id: &str, to: &str, body: &str, within:
         }
         assert!(retryable && tokio::time::Instant::now() < deadline, "send {id}: {f}");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits (bounded) until INBOX no longer holds `seq`: storage purged it.
+async fn wait_purged(stream: &async_nats::jetstream::stream::Stream, seq: u64, within: Duration) {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match stream.get_raw_message(seq).await {
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return,
+            Err(e) => panic!("reading INBOX seq {seq}: {e}"),
+            Ok(_) => {
+                assert!(tokio::time::Instant::now() < deadline, "seq {seq} still in INBOX after {within:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Whether INBOX holds `seq`.
+async fn in_inbox(stream: &async_nats::jetstream::stream::Stream, seq: u64) -> bool {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    match stream.get_raw_message(seq).await {
+        Ok(_) => true,
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => false,
+        Err(e) => panic!("reading INBOX seq {seq}: {e}"),
     }
 }

@@ -52,3 +52,48 @@ async fn delivered_receipt_reaches_an_offline_sender_on_reconnect() {
     let mut alice = sys.connect(0, "alice", "web").await;
     expect_delivered_receipt(&mut alice, sid(&sent)).await;
 }
+
+async fn expect_read_receipt(alice: &mut WsClient, up_to: u64) {
+    let r = alice.recv_until(|f| is_receipt(f) && f["m"]["status"] == "read").await;
+    let m = &r["m"];
+    assert_eq!(m["from"], "bob", "{r}");
+    assert_eq!(m["up_to"], up_to, "{r}");
+}
+
+#[tokio::test]
+async fn read_receipt_reaches_an_online_sender() {
+    let sys = System::start(2).await;
+    let mut alice = sys.connect(0, "alice", "web").await;
+    let mut bob = sys.connect(1, "bob", "phone").await;
+    alice.sync().await;
+    bob.sync().await;
+
+    let sent = alice.send_chat_ok("c-1", "bob", "read this").await;
+    let msg = bob.expect_type("msg").await;
+    assert_eq!(chat(&msg)["id"], "c-1");
+    bob.send_json(&serde_json::json!({"t":"read","conv":"alice","up_to":seq(&msg)})).await;
+
+    expect_read_receipt(&mut alice, sid(&sent)).await;
+}
+
+#[tokio::test]
+async fn read_receipt_reaches_an_offline_sender_on_reconnect() {
+    let sys = System::start(2).await;
+    let mut alice = sys.connect(0, "alice", "web").await;
+    alice.sync().await;
+    let sent = alice.send_chat_ok("c-1", "bob", "read me later").await;
+    alice.close().await;
+
+    let mut bob = sys.connect(1, "bob", "phone").await;
+    let synced = bob.sync().await;
+    assert_eq!(synced.items.len(), 1, "{:?}", synced.items);
+    let s = seq(&synced.items[0]);
+    bob.ack(s).await;
+    bob.send_json(&serde_json::json!({"t":"read","conv":"alice","up_to":s})).await;
+    bob.ping_pong().await; // the gateway has read both
+
+    // The receipt is in alice's inbox (drained on connect) or arrives live right after.
+    let mut alice = sys.connect(0, "alice", "web").await;
+    alice.timeout = std::time::Duration::from_secs(20);
+    expect_read_receipt(&mut alice, sid(&sent)).await;
+}
