@@ -717,7 +717,7 @@ async fn publish(
     tokio::spawn(async move {
         let r = match fut.await {
             Ok(ack) => {
-                metrics.publish_ack_seconds.observe(started.elapsed().as_secs_f64());
+                metrics.publish_ack_seconds.observe(metrics.bridge_shard(), started.elapsed().as_secs_f64());
                 metrics.messages_published.inc();
                 if ack.duplicate {
                     metrics.messages_duplicate.inc();

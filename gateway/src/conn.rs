@@ -345,8 +345,9 @@ impl Session {
             self.flush().await?;
         }
         let m = &self.ctx.metrics;
-        m.drain_items.observe(count as f64);
-        m.drain_seconds.observe(started.elapsed().as_secs_f64());
+        let shard = self.ctx.id;
+        m.drain_items.observe(shard, count as f64);
+        m.drain_seconds.observe(shard, started.elapsed().as_secs_f64());
         if announce {
             self.send(ServerFrame::Synced { seq: self.delivery.sent() }.to_json()).await?;
         }
@@ -398,7 +399,7 @@ impl Session {
         m.frames_out.inc();
         m.delivered(path);
         if let Some(ts) = head.and_then(|h| h.ts) {
-            m.send_to_deliver_seconds.observe(protocol::now_ms().saturating_sub(ts) as f64 / 1000.0);
+            m.send_to_deliver_seconds.observe(self.ctx.id, protocol::now_ms().saturating_sub(ts) as f64 / 1000.0);
         }
         Ok(())
     }

@@ -121,6 +121,18 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>, ready: Ar
     };
     let _ = dispatcher;
 
+    // Busy time for the metrics: what the executor spent running tasks, sampled every second.
+    {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+                ctx.metrics.executor_busy(ctx.id, glommio::executor().executor_stats().executor_runtime());
+            }
+        })
+        .detach();
+    }
+
     let listener = match TcpListener::bind(ctx.cfg.listen) {
         Ok(l) => l,
         Err(e) => {

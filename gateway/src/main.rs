@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let gateway_id: Arc<str> = cfg.gateway_id.clone().unwrap_or_else(|| format!("gw-{:08x}", rand_u32())).into();
     let keys = Arc::new(keys);
-    let metrics = Arc::new(metrics::Metrics::new(&gateway_id));
+    let metrics = Arc::new(metrics::Metrics::new(&gateway_id, cfg.cores()));
     let health = Arc::new(telemetry::Health::default());
     let cores = cfg.cores();
     let ready = Arc::new(readiness::Readiness::new(health.clone(), cores));

@@ -2,12 +2,14 @@
 //! cores); process memory is read from /proc when scraped, so memory per connection is
 //! `gateway_resident_memory_bytes / gateway_connections_open`.
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus_client::registry::{Registry, Unit};
+use telemetry::{exponential, ShardedHistogram};
 
 type Labels = [(&'static str, &'static str); 1];
 
@@ -23,14 +25,14 @@ pub struct Metrics {
     pub messages_published: Counter,
     pub messages_duplicate: Counter,
     pub publish_errors: Counter,
-    pub publish_ack_seconds: Histogram,
+    pub publish_ack_seconds: ShardedHistogram,
     items_delivered: Family<Labels, Counter>,
-    pub send_to_deliver_seconds: Histogram,
+    pub send_to_deliver_seconds: ShardedHistogram,
     pub acks: Counter,
     pub receipts_published: Counter,
     pub cursor_writes: Counter,
-    pub drain_items: Histogram,
-    pub drain_seconds: Histogram,
+    pub drain_items: ShardedHistogram,
+    pub drain_seconds: ShardedHistogram,
     pub resyncs: Counter,
     pub nats_reconnects: Counter,
     pub nats_slow_consumers: Counter,
@@ -39,17 +41,46 @@ pub struct Metrics {
     pub typing_events: Counter,
     pub typing_dropped: Counter,
     resident: Gauge,
+    /// Time each executor spent running tasks, µs (its own slot; summed by nobody).
+    executor_busy_us: Box<[AtomicU64]>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
     // 50 µs .. ~3.3 s
-    exponential_buckets(0.00005, 2.0, 17)
+    exponential(0.00005, 2.0, 17)
 }
 
 impl Metrics {
-    pub fn new(gateway_id: &str) -> Self {
+    /// `executors` executors record into shards 0..executors; the bridge thread into the last.
+    pub fn new(gateway_id: &str, executors: usize) -> Self {
         let mut registry = Registry::default();
+        let shards = executors + 1;
         let m = Metrics {
+            publish_ack_seconds: ShardedHistogram::new(
+                "gateway_publish_ack_seconds",
+                "Time from publish to JetStream's PubAck",
+                latency_buckets(),
+                shards,
+            ),
+            send_to_deliver_seconds: ShardedHistogram::new(
+                "gateway_send_to_deliver_seconds",
+                "Time from the sender's gateway accepting a message to its delivery here (ms clock resolution)",
+                latency_buckets(),
+                shards,
+            ),
+            drain_items: ShardedHistogram::new(
+                "gateway_inbox_drain_items",
+                "Items sent per inbox drain",
+                exponential(1.0, 4.0, 10),
+                shards,
+            ),
+            drain_seconds: ShardedHistogram::new(
+                "gateway_inbox_drain_seconds",
+                "Duration of inbox drains",
+                latency_buckets(),
+                shards,
+            ),
+            executor_busy_us: (0..executors).map(|_| AtomicU64::new(0)).collect(),
             connections_open: Gauge::default(),
             connections_accepted: Counter::default(),
             connections_closed: Family::default(),
@@ -60,14 +91,10 @@ impl Metrics {
             messages_published: Counter::default(),
             messages_duplicate: Counter::default(),
             publish_errors: Counter::default(),
-            publish_ack_seconds: Histogram::new(latency_buckets()),
             items_delivered: Family::default(),
-            send_to_deliver_seconds: Histogram::new(latency_buckets()),
             acks: Counter::default(),
             receipts_published: Counter::default(),
             cursor_writes: Counter::default(),
-            drain_items: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
-            drain_seconds: Histogram::new(latency_buckets()),
             resyncs: Counter::default(),
             nats_reconnects: Counter::default(),
             nats_slow_consumers: Counter::default(),
@@ -97,28 +124,14 @@ impl Metrics {
             m.messages_duplicate.clone(),
         );
         r.register("gateway_publish_errors", "Publishes JetStream did not acknowledge", m.publish_errors.clone());
-        r.register_with_unit(
-            "gateway_publish_ack",
-            "Time from publish to JetStream's PubAck",
-            Unit::Seconds,
-            m.publish_ack_seconds.clone(),
-        );
         r.register(
             "gateway_items_delivered",
             "Inbox items written to clients, by path (live or inbox)",
             m.items_delivered.clone(),
         );
-        r.register_with_unit(
-            "gateway_send_to_deliver",
-            "Time from the sender's gateway accepting a message to its delivery here",
-            Unit::Seconds,
-            m.send_to_deliver_seconds.clone(),
-        );
         r.register("gateway_acks", "Delivery acks received", m.acks.clone());
         r.register("gateway_receipts_published", "Delivery receipts stored for senders", m.receipts_published.clone());
         r.register("gateway_cursor_writes", "Device cursor writes to the KV bucket", m.cursor_writes.clone());
-        r.register("gateway_inbox_drain_items", "Items sent per inbox drain", m.drain_items.clone());
-        r.register_with_unit("gateway_inbox_drain", "Duration of inbox drains", Unit::Seconds, m.drain_seconds.clone());
         r.register(
             "gateway_resyncs",
             "Connections resynced from the inbox after a gap in the live path",
@@ -165,11 +178,35 @@ impl Metrics {
         self.items_delivered.get_or_create(&[("path", path)]).inc();
     }
 
+    /// The shard of the bridge thread.
+    pub fn bridge_shard(&self) -> usize {
+        self.executor_busy_us.len()
+    }
+
+    /// Adds time executor `id` spent running tasks.
+    pub fn executor_busy(&self, id: usize, busy: std::time::Duration) {
+        if let Some(c) = self.executor_busy_us.get(id) {
+            c.fetch_add(busy.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
     pub fn render(&self) -> String {
-        self.resident.set(resident_bytes() as i64);
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
+        let resident = resident_bytes();
+        self.resident.set(resident as i64);
+        let mut out = telemetry::encode_registry(&self.registry);
+        for h in [&self.publish_ack_seconds, &self.send_to_deliver_seconds, &self.drain_items, &self.drain_seconds] {
+            h.encode(&mut out);
+        }
+        let _ = writeln!(out, "# HELP gateway_executor_busy_seconds_total Time each executor spent running tasks");
+        let _ = writeln!(out, "# TYPE gateway_executor_busy_seconds_total counter");
+        for (i, c) in self.executor_busy_us.iter().enumerate() {
+            let secs = c.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "gateway_executor_busy_seconds_total{{executor=\"{i}\"}} {secs}");
+        }
+        let open = self.connections_open.get().max(0) as u64;
+        let _ = writeln!(out, "# HELP gateway_memory_per_connection_bytes Resident memory divided by open connections");
+        let _ = writeln!(out, "# TYPE gateway_memory_per_connection_bytes gauge");
+        let _ = writeln!(out, "gateway_memory_per_connection_bytes {}", if open == 0 { 0 } else { resident / open });
         out
     }
 }

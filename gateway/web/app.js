@@ -138,9 +138,11 @@
   // ---------------------------------------------------------------- connection
 
   let ws = null;
+  let connecting = false; // fetching a token
   let attempt = 0;
   let retryTimer = 0;
   let retryAt = 0;
+  let countdown = 0;
   let pingTimer = 0;
   let heartbeatMs = 30000;
   let lastRx = 0;
@@ -169,10 +171,12 @@
 
   async function connect() {
     clearTimeout(retryTimer);
+    clearInterval(countdown);
     retryTimer = 0;
-    if (stopped || ws) return;
+    if (stopped || ws || connecting) return;
     setConn('connecting', 'connecting…');
     let token;
+    connecting = true;
     try {
       const r = await fetch(`/dev/token?user=${enc(S.user)}&device=${enc(S.device)}`, { cache: 'no-store' });
       const text = (await r.text()).trim();
@@ -186,6 +190,8 @@
     } catch (e) {
       scheduleReconnect(`no token (${e.message})`);
       return;
+    } finally {
+      connecting = false;
     }
     if (stopped || ws) return;
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
@@ -223,13 +229,19 @@
     retryAt = Date.now() + delay;
     clearTimeout(retryTimer);
     retryTimer = setTimeout(connect, delay);
-    const tick = () => {
-      if (!retryTimer || stopped) return;
+    presence.clear(); // stale until the next connection asks again
+    renderHead();
+    clearInterval(countdown);
+    const show = () => {
+      if (!retryTimer || stopped) {
+        clearInterval(countdown);
+        return;
+      }
       const s = Math.max(0, Math.ceil((retryAt - Date.now()) / 1000));
       setConn('waiting', `offline — ${why}; retrying in ${s} s`);
-      if (s > 0) setTimeout(tick, 1000);
     };
-    tick();
+    show();
+    countdown = setInterval(show, 1000);
   }
 
   function dropConnection() {
@@ -436,9 +448,10 @@
   function onSent(f) {
     const [c, m] = findMine(f.id);
     if (!m) return;
-    // Inbox sequences only grow: a 1:1 sid below the highest seq held means the server's store
-    // was wiped (dev servers are ephemeral); start again from the beginning of the new inbox.
-    if (c.kind === 'direct' && f.sid < S.lastSeq) {
+    // Inbox sequences only grow (one stream for every inbox): a new 1:1 message stored below a
+    // seq this device already held when it sent means the server's store was wiped (dev servers
+    // are ephemeral); start again from the beginning of the new inbox.
+    if (c.kind === 'direct' && !f.dup && m.atSeq && f.sid <= m.atSeq) {
       toast('warn', 'The server was reset', 'Local history is kept; fetching the new inbox from the start.');
       S.lastSeq = 0;
       saveNow();
@@ -577,6 +590,7 @@
 
   function transmit(c, m) {
     if (!synced) return; // sent after the next `synced`
+    m.atSeq = S.lastSeq;
     if (c.kind === 'group') send({ t: 'gsend', id: m.id, group: c.id, body: m.body });
     else send({ t: 'send', id: m.id, to: c.id, body: m.body });
   }

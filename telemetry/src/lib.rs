@@ -10,12 +10,14 @@ mod health;
 mod http;
 mod logging;
 mod metrics;
+mod sharded;
 
 pub use config_file::{apply_config_file, env_pairs};
 pub use health::Health;
 pub use http::{serve, serve_listener, spawn};
 pub use logging::init_logging;
 pub use metrics::{encode_registry, METRICS_CONTENT_TYPE};
+pub use sharded::{exponential, ShardedHistogram};
 
 /// The metrics renderer the HTTP endpoint calls on every `GET /metrics`.
 pub type Render = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
