@@ -62,11 +62,13 @@ pub enum PublishFailure {
     Forbidden,
 }
 
-/// How long a group's membership, read from KV `groups`, is trusted for checking sends. Changes
-/// made through this gateway apply at once; others within this time. The router re-checks
-/// every post at its exact position in the group timeline, so a stale cache cannot make a
-/// non-member's message reach anyone.
-const GROUP_CACHE_TTL: Duration = Duration::from_secs(2);
+/// How long a group's membership, read from KV `groups`, is trusted for checking sends. Every
+/// change to the bucket is also pushed to the gateway (a watch of KV `groups`) and applied to
+/// cached groups at once — the router writes KV before it records the membership event, so a
+/// member who has seen its `added` event is already known here. The time limit only bounds
+/// staleness while that watch is down. The router re-checks every post at its exact position in
+/// the group timeline, so a stale cache can never make a non-member's message reach anyone.
+const GROUP_CACHE_TTL: Duration = Duration::from_secs(30);
 /// Groups whose membership a gateway keeps in memory.
 const GROUP_CACHE_MAX: usize = 100_000;
 
@@ -384,6 +386,8 @@ enum Internal {
     GroupLoaded(String, Result<Option<GroupState>, ()>),
     /// A membership operation changed a group: trust the new state at once.
     GroupChanged(GroupState),
+    /// KV `groups` changed (from any router): refresh the group if it is cached (None: deleted).
+    GroupUpdated(String, Option<GroupState>),
 }
 
 /// A pending receipt: (reader, conversation partner or group, status, is it a group).
@@ -437,6 +441,7 @@ async fn run(
     let mut group_waits: FxHashMap<String, Vec<GroupWait>> = FxHashMap::default();
     let groups_kv = js.get_key_value(subjects::GROUPS_BUCKET).await?;
     crate::revocation::spawn_watch(js.clone(), revocations, exec_tx.clone());
+    spawn_group_watch(groups_kv.clone(), int_tx.clone());
     let mut read_marks: FxHashMap<(UserId, String, bool), (u64, String)> = FxHashMap::default();
     let presence = presence::spawn(
         client.clone(),
@@ -641,6 +646,14 @@ async fn run(
                 Internal::GroupChanged(state) => {
                     cache_group(&mut groups, state.gid, state.members);
                 }
+                Internal::GroupUpdated(gid, state) => match state {
+                    // Only groups this gateway uses are kept; others are read when needed.
+                    Some(s) if groups.contains_key(&gid) => cache_group(&mut groups, gid, s.members),
+                    Some(_) => {}
+                    None => {
+                        groups.remove(&gid);
+                    }
+                },
             },
             Some(ev) = events.recv() => match ev {
                 async_nats::Event::Disconnected => { disconnected = true; ready.set_backbone(false); }
@@ -933,6 +946,31 @@ fn cache_group(groups: &mut FxHashMap<String, CachedGroup>, gid: String, members
         }
     }
     groups.insert(gid, CachedGroup { members, loaded: Instant::now() });
+}
+
+/// Follows KV `groups` (new changes only), forever, so cached memberships change when the
+/// router changes them rather than when the cache entry expires.
+fn spawn_group_watch(kv: jetstream::kv::Store, int_tx: tokio::sync::mpsc::UnboundedSender<Internal>) {
+    tokio::spawn(async move {
+        loop {
+            match kv.watch(">").await {
+                Ok(mut changes) => {
+                    while let Some(change) = changes.next().await {
+                        let Ok(entry) = change else { break };
+                        let state = match entry.operation {
+                            jetstream::kv::Operation::Put => serde_json::from_slice::<GroupState>(&entry.value).ok(),
+                            _ => None,
+                        };
+                        if int_tx.send(Internal::GroupUpdated(entry.key, state)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "group watch failed; retrying"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
 }
 
 /// Runs a group command against the group's members (`Ok(None)`: no such group).

@@ -36,7 +36,7 @@ async fn expect_item(c: &mut WsClient, k: &str) -> Value {
 /// The cursor a device has recorded in KV `cursors`.
 async fn cursor(kv: &async_nats::jetstream::kv::Store, key: &str) -> Option<u64> {
     let v = kv.get(key).await.unwrap_or_else(|e| panic!("reading cursors/{key}: {e}"))?;
-    Some(std::str::from_utf8(&v).ok()?.trim().parse().ok()?)
+    std::str::from_utf8(&v).ok()?.trim().parse().ok()
 }
 
 #[tokio::test]

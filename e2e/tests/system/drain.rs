@@ -24,13 +24,11 @@ async fn sigterm_drains_clients_and_keeps_what_was_acknowledged() {
     let gw = &mut sys.gateways[0];
     let client_side = async {
         // `reconnect`, then the close with 1001.
-        let reconnect = loop {
-            match alice.next_event(Duration::from_secs(30)).await {
-                Event::Frame(f) if f["t"] == "reconnect" => break f,
-                Event::Frame(f) => panic!("unexpected frame while draining: {f}"),
-                Event::Closed(code) => panic!("closed ({code:?}) without a `reconnect` frame"),
-                Event::Timeout => panic!("no `reconnect` within 30 s of SIGTERM"),
-            }
+        let reconnect = match alice.next_event(Duration::from_secs(30)).await {
+            Event::Frame(f) if f["t"] == "reconnect" => f,
+            Event::Frame(f) => panic!("unexpected frame while draining: {f}"),
+            Event::Closed(code) => panic!("closed ({code:?}) without a `reconnect` frame"),
+            Event::Timeout => panic!("no `reconnect` within 30 s of SIGTERM"),
         };
         let code = alice.wait_closed(Duration::from_secs(30)).await;
         // Not ready any more: 503, or no answer at all once the process is gone.

@@ -462,3 +462,37 @@ async fn group_send_from_a_non_member_is_refused_and_reaches_no_one() {
         }
     }
 }
+
+/// PROTOCOL.md: `gsend` is refused `forbidden` only for "not a member". Membership changes made
+/// through another gateway are trusted by the member's gateway only after `GROUP_CACHE_TTL`
+/// (2 s, gateway/src/bridge.rs) when it has the group cached. Starts a system where gateway 1
+/// has the group (alice, bob) cached, with erin on gateway 1 too.
+async fn cached_on_gateway_1() -> (System, Member, Member, Member, String) {
+    let sys = System::start(2).await;
+    let mut alice = Member::join(&sys, 0, "alice").await; // admin, on gateway 0
+    let mut bob = Member::join(&sys, 1, "bob").await; // a member on gateway 1
+    let erin = Member::join(&sys, 1, "erin").await; // not a member yet, on gateway 1
+    let gid = gid_of(&alice.create("cached", &s(&["bob"])).await);
+    bob.gsend_ok("b-0", &gid, "warming gateway 1's cache").await;
+    (sys, alice, bob, erin, gid)
+}
+
+/// A member added through another gateway, once shown its own `added` event, can post.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_member_added_through_another_gateway_can_post_once_shown_added() {
+    let (_sys, mut alice, _bob, mut erin, gid) = cached_on_gateway_1().await;
+    alice.op_ok("group_add", json!({"group":gid,"members":["erin"]})).await;
+    erin.wait_until(WAIT, "shown her own `added` event", |m| !m.events(&gid).is_empty()).await;
+    let f = erin.gsend("e-1", &gid, "hello, I'm new").await;
+    assert_eq!(f["t"], "sent", "a member shown her `added` event is refused: {f}; timeline {}", brief(&erin.log));
+}
+
+/// A member removed through another gateway, once shown its own `removed` event, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_member_removed_through_another_gateway_is_refused_once_shown_removed() {
+    let (_sys, mut alice, mut bob, _erin, gid) = cached_on_gateway_1().await;
+    alice.op_ok("group_remove", json!({"group":gid,"members":["bob"]})).await;
+    bob.wait_until(WAIT, "shown his own `removed` event", |m| m.events(&gid).len() >= 2).await;
+    let f = bob.gsend("b-1", &gid, "am I still in?").await;
+    expect_error(&f, "forbidden");
+}
