@@ -174,6 +174,10 @@ pub enum Command {
         dev: String,
         up_to: u64,
     },
+    /// The last sequence the INBOX stream has stored.
+    InboxLastSeq {
+        reply: oneshot::Sender<anyhow::Result<u64>>,
+    },
     /// How many devices `user` has registered (cursor entries).
     Devices {
         user: UserId,
@@ -295,6 +299,12 @@ impl Bridge {
 
     pub fn read_mark(&self, user: UserId, conv: Conversation, dev: String, up_to: u64) {
         self.send(Command::ReadMark { user, conv, dev, up_to });
+    }
+
+    pub async fn inbox_last_seq(&self) -> anyhow::Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::InboxLastSeq { reply });
+        rx.await.context("bridge gone")?
     }
 
     pub async fn devices(&self, user: UserId) -> usize {
@@ -489,6 +499,17 @@ async fn run(
                         if up_to > e.0 {
                             *e = (up_to, dev);
                         }
+                    }
+                    Command::InboxLastSeq { reply } => {
+                        let js = js.clone();
+                        tokio::spawn(async move {
+                            let res = async {
+                                let mut stream = js.get_stream(subjects::INBOX_STREAM).await?;
+                                Ok::<_, anyhow::Error>(stream.info().await?.state.last_sequence)
+                            }
+                            .await;
+                            let _ = reply.send(res);
+                        });
                     }
                     Command::Devices { user, reply } => {
                         let client = client.clone();

@@ -298,10 +298,13 @@ impl Session {
                 return Err("backbone_unavailable");
             }
         };
-        let resume = cursor.max(since);
         // With other devices registered, what this one sends and reads is copied for them.
         self.mirror = ctx.bridge.devices(self.user.clone()).await > 1;
-        self.delivery = Delivery::new(resume, MAX_UNACKED_TRACKED);
+        self.delivery = Delivery::new(cursor, MAX_UNACKED_TRACKED);
+        if since > cursor {
+            self.implicit_ack(since).await;
+        }
+        let resume = self.delivery.sent();
         let hello = ServerFrame::Hello {
             user: self.user.as_str(),
             device: self.device.as_str(),
@@ -313,6 +316,44 @@ impl Session {
         .to_json();
         self.send(hello).await?;
         self.drain(true).await
+    }
+
+    /// A client resuming with `since` above the stored cursor holds those items (its acks were
+    /// lost, or a write was debounced away): treat `since` as its ack, so the cursor advances
+    /// and the senders get their delivery receipts. A `since` beyond anything the inbox stream
+    /// ever stored comes from another server (a reset store) and is ignored, so the client is
+    /// sent what it does not have; `hello.resume_from` tells it where the server resumes.
+    async fn implicit_ack(&mut self, since: u64) {
+        let last = match self.ctx.bridge.inbox_last_seq().await {
+            Ok(last) => last,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "inbox stream state unavailable; since ignored");
+                return;
+            }
+        };
+        if since > last {
+            return;
+        }
+        // Read what the client holds to know whom to send receipts (bounded: receipts are
+        // cumulative per conversation, so the newest items of a long gap say enough).
+        const MAX_READ: usize = 4096;
+        let mut read = 0;
+        while read < MAX_READ && self.delivery.sent() < since {
+            let Ok(batch) = self.ctx.bridge.fetch(self.user.clone(), self.delivery.sent(), 256).await else { break };
+            if batch.is_empty() {
+                break;
+            }
+            for item in batch.into_iter().take_while(|i| i.seq <= since) {
+                read += 1;
+                let target = ItemHead::parse(&item.payload).and_then(|h| h.receipt_target());
+                self.delivery.mark_sent(item.seq, target);
+            }
+            if read % 256 != 0 {
+                break;
+            }
+        }
+        self.delivery.skip_to(since);
+        self.record_ack(since);
     }
 
     /// Sends every inbox item after the last one sent, oldest first.
@@ -438,16 +479,7 @@ impl Session {
             ClientFrame::Ping => self.send(ServerFrame::Pong.to_json()).await,
             ClientFrame::Ack { seq } => {
                 self.ctx.metrics.acks.inc();
-                if let Some(acked) = self.delivery.ack(seq) {
-                    let b = &self.ctx.bridge;
-                    b.cursor(self.user.clone(), self.device.clone(), acked.cursor, false);
-                    for (sender, up_to) in acked.receipts {
-                        b.receipt(self.user.clone(), sender, ReceiptStatus::Delivered, up_to);
-                    }
-                    for (group, up_to) in acked.group_receipts {
-                        b.group_receipt(self.user.clone(), group, ReceiptStatus::Delivered, up_to);
-                    }
-                }
+                self.record_ack(seq);
                 Ok(())
             }
             ClientFrame::Send { id, to, body } => {
@@ -556,6 +588,20 @@ impl Session {
                 }
                 self.watching = users;
                 Ok(())
+            }
+        }
+    }
+
+    /// Applies a cumulative ack: the device cursor, and delivery receipts for the senders.
+    fn record_ack(&mut self, seq: u64) {
+        if let Some(acked) = self.delivery.ack(seq) {
+            let b = &self.ctx.bridge;
+            b.cursor(self.user.clone(), self.device.clone(), acked.cursor, false);
+            for (sender, up_to) in acked.receipts {
+                b.receipt(self.user.clone(), sender, ReceiptStatus::Delivered, up_to);
+            }
+            for (group, up_to) in acked.group_receipts {
+                b.group_receipt(self.user.clone(), group, ReceiptStatus::Delivered, up_to);
             }
         }
     }

@@ -90,6 +90,12 @@ impl Delivery {
         }
     }
 
+    /// The client holds everything up to `seq` (it said so when resuming): nothing up to it is
+    /// sent again.
+    pub fn skip_to(&mut self, seq: u64) {
+        self.sent = self.sent.max(seq);
+    }
+
     /// Applies a cumulative ack. An ack beyond what was sent is clamped (a client cannot make the
     /// server forget items it never received); one at or below the cursor changes nothing.
     pub fn ack(&mut self, seq: u64) -> Option<Acked> {

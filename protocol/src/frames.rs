@@ -181,6 +181,9 @@ fn id_of(bytes: &[u8]) -> Option<String> {
 
 /// Decodes one client text frame.
 pub fn decode_client_frame(bytes: &[u8], limits: &Limits) -> Result<ClientFrame, DecodeError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(DecodeError { code: ErrorCode::BadJson, msg: "a frame must be a JSON object".into(), id: None });
+    }
     let raw: RawFrame = serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         let text = e.to_string();
@@ -433,7 +436,9 @@ mod tests {
     fn classifies_errors() {
         let code = |s: &str| dec(s).unwrap_err().code;
         assert_eq!(code("{"), ErrorCode::BadJson);
-        assert_eq!(code("[]"), ErrorCode::UnknownType);
+        assert_eq!(code("[]"), ErrorCode::BadJson);
+        assert_eq!(code("[1,2]"), ErrorCode::BadJson);
+        assert_eq!(dec(" \n{\"t\":\"ping\"}"), Ok(ClientFrame::Ping), "leading whitespace is fine");
         assert_eq!(code(r#"{"t":"nope"}"#), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"id":"x"}"#), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"t":"send","id":"c","to":"b"}"#), ErrorCode::MissingField);

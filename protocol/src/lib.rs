@@ -6,6 +6,7 @@ pub mod frames;
 pub mod groups;
 pub mod ids;
 pub mod item;
+pub mod media;
 pub mod subjects;
 pub mod token;
 
@@ -15,6 +16,7 @@ pub use frames::{
 };
 pub use ids::{ClientMsgId, DeviceId, GroupId, IdError, UserId};
 pub use item::InboxItem;
+pub use media::Media;
 pub use token::{Claims, Identity, PublicKeyAlg, TokenError, TokenKeys};
 
 /// Milliseconds since the Unix epoch, the one timestamp unit on the wire.

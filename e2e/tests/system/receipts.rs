@@ -97,3 +97,41 @@ async fn read_receipt_reaches_an_offline_sender_on_reconnect() {
     alice.timeout = std::time::Duration::from_secs(20);
     expect_read_receipt(&mut alice, sid(&sent)).await;
 }
+
+/// A device that received an item but whose ack was lost resumes with `since`: the gateway takes
+/// that as its ack, so the sender still gets its `delivered` receipt and nothing is redelivered.
+#[tokio::test]
+async fn resuming_with_since_counts_as_the_lost_ack() {
+    let sys = System::start(1).await;
+    let mut alice = sys.connect(0, "alice", "web").await;
+    alice.sync().await;
+    let sent = alice.send_chat_ok("c-1", "bob", "ack lost").await;
+
+    let mut bob = sys.connect(0, "bob", "phone").await;
+    let synced = bob.sync().await;
+    let held = seq(&synced.items[0]);
+    bob.close().await; // no ack
+
+    let token = sys.token("bob", Some("phone"));
+    let mut bob = WsClient::open(&sys.ws_url(0), &token, None, Some(held)).await;
+    let synced = bob.sync().await;
+    assert!(synced.items.is_empty(), "nothing the client holds is sent again: {:?}", synced.items);
+    expect_delivered_receipt(&mut alice, sid(&sent)).await;
+}
+
+/// A `since` from another server's store (beyond anything stored here) is ignored: the client
+/// gets what it does not have instead of silently missing it.
+#[tokio::test]
+async fn a_since_from_another_store_is_ignored() {
+    let sys = System::start(1).await;
+    let mut alice = sys.connect(0, "alice", "web").await;
+    alice.sync().await;
+    alice.send_chat_ok("c-1", "bob", "new epoch").await;
+
+    let token = sys.token("bob", Some("phone"));
+    let mut bob = WsClient::open(&sys.ws_url(0), &token, None, Some(1_000_000)).await;
+    let synced = bob.sync().await;
+    assert_eq!(synced.hello["resume_from"], 0, "{}", synced.hello);
+    assert_eq!(synced.items.len(), 1, "{:?}", synced.items);
+    assert_eq!(chat(&synced.items[0])["id"], "c-1");
+}
