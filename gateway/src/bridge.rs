@@ -790,7 +790,9 @@ async fn publish_ephemeral(client: &async_nats::Client, to: &UserId, frame: Stri
 /// Stores the copy of a 1:1 message for the sender's other devices, now that its sid is known.
 async fn publish_mirror(js: &jetstream::Context, m: Mirror, sid: u64) {
     let item = match m.item {
-        InboxItem::Outgoing { to, dev, id, body, ts, .. } => InboxItem::Outgoing { to, dev, id, sid, body, ts },
+        InboxItem::Outgoing { to, dev, id, body, media, ts, .. } => {
+            InboxItem::Outgoing { to, dev, id, sid, body, media, ts }
+        }
         other => other,
     };
     let res = async {

@@ -482,7 +482,7 @@ impl Session {
                 self.record_ack(seq);
                 Ok(())
             }
-            ClientFrame::Send { id, to, body } => {
+            ClientFrame::Send { id, to, body, media } => {
                 let ts = protocol::now_ms();
                 let mirror = self.mirror.then(|| Mirror {
                     user: self.user.clone(),
@@ -492,6 +492,7 @@ impl Session {
                         id: id.to_string(),
                         sid: 0,
                         body: body.clone(),
+                        media: media.clone(),
                         ts,
                     },
                     msg_id: ids::outgoing_dedup_id(&self.user, &self.device, &id),
@@ -501,6 +502,7 @@ impl Session {
                     dev: self.device.to_string(),
                     id: id.to_string(),
                     body,
+                    media,
                     ts,
                 };
                 let msg_id = ids::direct_msg_dedup_id(&self.user, &self.device, &id);
@@ -513,12 +515,13 @@ impl Session {
                 });
                 Ok(())
             }
-            ClientFrame::GroupSend { id, group, body } => {
+            ClientFrame::GroupSend { id, group, body, media } => {
                 let entry = GroupEntry::Post {
                     from: self.user.to_string(),
                     dev: self.device.to_string(),
                     id: id.to_string(),
                     body,
+                    media,
                     ts: protocol::now_ms(),
                 };
                 let payload = serde_json::to_vec(&entry).expect("group entry serialises");

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::groups::{GroupOp, GroupState, GroupSummary, MAX_NAME};
 use crate::ids::{ClientMsgId, GroupId, UserId};
+use crate::media::Media;
 
 /// Limits applied while decoding a client frame.
 #[derive(Debug, Clone, Copy)]
@@ -26,7 +27,7 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
     /// Send a 1:1 message.
-    Send { id: ClientMsgId, to: UserId, body: String },
+    Send { id: ClientMsgId, to: UserId, body: String, media: Option<Media> },
     /// Cumulative delivery ack: this device has every inbox item with `seq` <= this.
     Ack { seq: u64 },
     /// Application heartbeat; answered with `pong`.
@@ -34,7 +35,7 @@ pub enum ClientFrame {
     /// A membership operation, answered with `group`, `groups` or `error`.
     Group { id: ClientMsgId, op: GroupOp },
     /// Send a message to a group.
-    GroupSend { id: ClientMsgId, group: GroupId, body: String },
+    GroupSend { id: ClientMsgId, group: GroupId, body: String, media: Option<Media> },
     /// Read receipt: the user has read the conversation up to `up_to` (a `sid`).
     Read { conv: Conversation, up_to: u64 },
     /// Who has received and read group message `sid`.
@@ -78,6 +79,8 @@ enum RawFrame {
         id: String,
         to: String,
         body: String,
+        #[serde(default)]
+        media: Option<Media>,
     },
     Ack {
         seq: u64,
@@ -113,6 +116,8 @@ enum RawFrame {
         id: String,
         group: String,
         body: String,
+        #[serde(default)]
+        media: Option<Media>,
     },
     Read {
         #[serde(default)]
@@ -198,7 +203,7 @@ pub fn decode_client_frame(bytes: &[u8], limits: &Limits) -> Result<ClientFrame,
         DecodeError { code, msg: text, id }
     })?;
     match raw {
-        RawFrame::Send { id, to, body } => {
+        RawFrame::Send { id, to, body, media } => {
             let bad = |msg: String, id: Option<String>| DecodeError { code: ErrorCode::BadField, msg, id };
             let cid = ClientMsgId::parse(&id).map_err(|e| bad(format!("id: {e}"), None))?;
             let to = UserId::parse(&to).map_err(|e| bad(format!("to: {e}"), Some(id.clone())))?;
@@ -209,7 +214,8 @@ pub fn decode_client_frame(bytes: &[u8], limits: &Limits) -> Result<ClientFrame,
                     id: Some(id),
                 });
             }
-            Ok(ClientFrame::Send { id: cid, to, body })
+            check_media(media.as_ref(), &id)?;
+            Ok(ClientFrame::Send { id: cid, to, body, media })
         }
         RawFrame::Ack { seq } => Ok(ClientFrame::Ack { seq }),
         RawFrame::Ping => Ok(ClientFrame::Ping),
@@ -240,7 +246,7 @@ pub fn decode_client_frame(bytes: &[u8], limits: &Limits) -> Result<ClientFrame,
             Ok(ClientFrame::Group { id: cid, op: GroupOp::Info { group } })
         }
         RawFrame::Groups { id } => Ok(ClientFrame::Group { id: client_id(&id)?, op: GroupOp::List }),
-        RawFrame::Gsend { id, group, body } => {
+        RawFrame::Gsend { id, group, body, media } => {
             let cid = client_id(&id)?;
             let group = GroupId::parse(&group).map_err(|e| bad_field(format!("group: {e}"), &id))?;
             if body.len() > limits.max_body {
@@ -250,7 +256,8 @@ pub fn decode_client_frame(bytes: &[u8], limits: &Limits) -> Result<ClientFrame,
                     id: Some(id),
                 });
             }
-            Ok(ClientFrame::GroupSend { id: cid, group, body })
+            check_media(media.as_ref(), &id)?;
+            Ok(ClientFrame::GroupSend { id: cid, group, body, media })
         }
         RawFrame::Read { conv, group, up_to } => Ok(ClientFrame::Read { conv: conversation(conv, group)?, up_to }),
         RawFrame::Receipts { id, group, sid } => {
@@ -282,6 +289,10 @@ fn presence_users(users: &[String], id: Option<&str>) -> Result<Vec<UserId>, Dec
         return Err(err(ErrorCode::LimitExceeded, format!("at most {MAX_PRESENCE_USERS} users")));
     }
     users.iter().map(|u| UserId::parse(u).map_err(|e| err(ErrorCode::BadField, format!("users: {e}")))).collect()
+}
+
+fn check_media(media: Option<&Media>, id: &str) -> Result<(), DecodeError> {
+    media.map_or(Ok(()), |m| m.validate().map_err(|e| bad_field(e, id)))
 }
 
 fn bad_field(msg: String, id: &str) -> DecodeError {
@@ -425,7 +436,8 @@ mod tests {
             ClientFrame::Send {
                 id: ClientMsgId::parse("c1").unwrap(),
                 to: UserId::parse("bob").unwrap(),
-                body: "hi".into()
+                body: "hi".into(),
+                media: None
             }
         );
         assert_eq!(dec(r#"{"t":"ack","seq":5}"#).unwrap(), ClientFrame::Ack { seq: 5 });
@@ -501,6 +513,20 @@ mod tests {
             ServerFrame::Presence { id: None, users: &users }.to_json(),
             r#"{"t":"presence","users":[{"user":"b","online":false,"last_seen":5}]}"#
         );
+    }
+
+    #[test]
+    fn media_descriptors_are_validated() {
+        let ok = r#"{"t":"send","id":"c","to":"b","body":"","media":{"url":"https://x/y.png","mime":"image/png","size":10}}"#;
+        let ClientFrame::Send { media: Some(m), .. } = dec(ok).unwrap() else { panic!("no media") };
+        assert_eq!(m.size, 10);
+        let bad =
+            r#"{"t":"gsend","id":"c","group":"g","body":"","media":{"url":"ftp://x","mime":"image/png","size":10}}"#;
+        let e = dec(bad).unwrap_err();
+        assert_eq!((e.code, e.id.as_deref()), (ErrorCode::BadField, Some("c")));
+        let wrong_type =
+            r#"{"t":"send","id":"c","to":"b","body":"","media":{"url":"https://x","mime":"a/b","size":"big"}}"#;
+        assert_eq!(dec(wrong_type).unwrap_err().code, ErrorCode::BadField);
     }
 
     #[test]

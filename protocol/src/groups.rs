@@ -124,7 +124,15 @@ mod tests {
 #[serde(tag = "k", rename_all = "snake_case")]
 pub enum GroupEntry {
     /// A message, published by the sender's gateway after checking membership.
-    Post { from: String, dev: String, id: String, body: String, ts: u64 },
+    Post {
+        from: String,
+        dev: String,
+        id: String,
+        body: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media: Option<crate::media::Media>,
+        ts: u64,
+    },
     /// A membership change, published by the router after updating KV `groups`. `state` is the
     /// member list after the change: the fan-out applies it at this position in the timeline,
     /// so every message is fanned out to exactly the members of the moment it was sent.

@@ -10,10 +10,29 @@ pub enum InboxItem {
     /// A 1:1 chat message. `from`/`dev` are stamped by the gateway from the authenticated
     /// session, never taken from the client; `id` is the sender's client message id; `ts` is the
     /// gateway's clock when it accepted the message.
-    Chat { from: String, dev: String, id: String, body: String, ts: u64 },
+    Chat {
+        from: String,
+        dev: String,
+        id: String,
+        body: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media: Option<crate::media::Media>,
+        ts: u64,
+    },
     /// A group message: `sid` is its position in the group's timeline (the group stream
     /// sequence, the same for every member), `n` how many members it was sent to.
-    Group { group: String, from: String, dev: String, id: String, sid: u64, n: u32, body: String, ts: u64 },
+    Group {
+        group: String,
+        from: String,
+        dev: String,
+        id: String,
+        sid: u64,
+        n: u32,
+        body: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media: Option<crate::media::Media>,
+        ts: u64,
+    },
     /// A membership change in the group's timeline: `event` is `created`, `added`, `removed` or
     /// `left`; `members` are the users it concerns.
     GroupEvent { group: String, sid: u64, event: String, by: String, members: Vec<String>, name: String, ts: u64 },
@@ -22,7 +41,16 @@ pub enum InboxItem {
     GroupReceipt { group: String, sid: u64, status: ReceiptStatus, ts: u64 },
     /// A 1:1 message this user sent from another of its devices (`dev`), so that every device
     /// shows the whole conversation. `sid` is the message's server id.
-    Outgoing { to: String, dev: String, id: String, sid: u64, body: String, ts: u64 },
+    Outgoing {
+        to: String,
+        dev: String,
+        id: String,
+        sid: u64,
+        body: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media: Option<crate::media::Media>,
+        ts: u64,
+    },
     /// This user read a conversation up to `up_to` on another device (`conv` is a user id, or
     /// `group` a group id): clear its unread count here too.
     ReadMark {
@@ -87,6 +115,7 @@ mod tests {
             dev: "web".into(),
             id: "c1".into(),
             body: "hi \"there\"".into(),
+            media: None,
             ts: 7,
         };
         let b = item.to_bytes();

@@ -137,7 +137,7 @@ pub fn plan(
     event_rev: Option<u64>,
 ) -> Result<Fanout, Reject> {
     match entry {
-        GroupEntry::Post { from, dev, id, body, ts } => {
+        GroupEntry::Post { from, dev, id, body, media, ts } => {
             let members = cache.get(at.gid).ok_or(Reject::NoGroup)?;
             if !members.list.iter().any(|m| m == from) {
                 return Err(Reject::NotMember { from: from.clone() });
@@ -157,6 +157,7 @@ pub fn plan(
                 sid: at.sid,
                 n: recipients.len() as u32,
                 body: body.clone(),
+                media: media.clone(),
                 ts: *ts,
             };
             Ok(Fanout {
@@ -246,7 +247,7 @@ mod tests {
     }
 
     fn post(from: &str) -> GroupEntry {
-        GroupEntry::Post { from: from.into(), dev: "d".into(), id: "c1".into(), body: "hi".into(), ts: 5 }
+        GroupEntry::Post { from: from.into(), dev: "d".into(), id: "c1".into(), body: "hi".into(), media: None, ts: 5 }
     }
 
     fn event(kind: &str, members: &[&str], state: &[&str]) -> GroupEntry {
@@ -285,6 +286,7 @@ mod tests {
                 sid: 9,
                 n: 2,
                 body: "hi".into(),
+                media: None,
                 ts: 5
             }
         );

@@ -18,6 +18,7 @@ mod group_receipts;
 mod groups;
 mod heartbeat;
 mod malformed;
+mod media;
 mod presence;
 mod receipts;
 mod restart;

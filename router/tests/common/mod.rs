@@ -78,6 +78,7 @@ pub async fn post(js: &jetstream::Context, gid: &str, from: &str, id: &str) -> u
         dev: "d1".into(),
         id: id.into(),
         body: format!("body of {id} from {from}"),
+        media: None,
         ts: protocol::now_ms(),
     };
     let publish = jetstream::message::PublishMessage::build()
