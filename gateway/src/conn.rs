@@ -14,8 +14,8 @@ use glommio::net::TcpStream;
 use protocol::groups::{GroupEntry, GroupReply, GroupRequest, WhoReadReply, WhoReadRequest};
 use protocol::item::{InboxItem, ReceiptStatus};
 use protocol::{
-    decode_client_frame, ids, render_item, subjects, ClientFrame, Conversation, DeviceId, ErrorCode, PresenceView,
-    ServerFrame, UserId,
+    decode_client_frame, ids, render_item, subjects, ClientFrame, ConvSummary, Conversation, DeviceId, ErrorCode,
+    PresenceView, ServerFrame, UserId,
 };
 
 use crate::bridge::{Mirror, PublishFailure, Stored};
@@ -360,6 +360,7 @@ impl Session {
     async fn drain(&mut self, announce: bool) -> Result<(), Reason> {
         let started = Instant::now();
         let mut count = 0u64;
+        let mut convs: Vec<ConvSummary> = Vec::new();
         // Live copies queued now are older than what the drain reads; drop them (a copy that
         // arrives later is deduplicated by sequence).
         self.outbox.take_all();
@@ -380,7 +381,9 @@ impl Session {
                 if item.seq <= self.delivery.sent() {
                     continue;
                 }
-                self.feed_item(item.seq, &item.payload, "inbox").await?;
+                if let Some(head) = self.feed_item(item.seq, &item.payload, "inbox").await? {
+                    head.summarize(item.seq, &mut convs);
+                }
                 count += 1;
             }
             self.flush().await?;
@@ -390,6 +393,9 @@ impl Session {
         m.drain_items.observe(shard, count as f64);
         m.drain_seconds.observe(shard, started.elapsed().as_secs_f64());
         if announce {
+            if !convs.is_empty() {
+                self.send(ServerFrame::Conversations { convs: &convs }.to_json()).await?;
+            }
             self.send(ServerFrame::Synced { seq: self.delivery.sent() }.to_json()).await?;
         }
         Ok(())
@@ -426,12 +432,18 @@ impl Session {
         Ok(())
     }
 
-    async fn feed_item(&mut self, seq: u64, payload: &[u8], path: &'static str) -> Result<(), Reason> {
+    /// Writes an inbox item to the client; returns what the item says about its conversation.
+    async fn feed_item<'p>(
+        &mut self,
+        seq: u64,
+        payload: &'p [u8],
+        path: &'static str,
+    ) -> Result<Option<ItemHead<'p>>, Reason> {
         let head = ItemHead::parse(payload);
         if head.as_ref().is_some_and(|h| h.is_own_sync(self.device.as_str())) {
             // This device's own send or read, copied for the user's other devices.
             self.delivery.mark_sent(seq, None);
-            return Ok(());
+            return Ok(None);
         }
         let frame = render_item(seq, payload);
         self.ws.feed(Message::Text(frame.into())).await.map_err(|_| "io_error")?;
@@ -439,10 +451,10 @@ impl Session {
         let m = &self.ctx.metrics;
         m.frames_out.inc();
         m.delivered(path);
-        if let Some(ts) = head.and_then(|h| h.ts) {
+        if let Some(ts) = head.as_ref().and_then(|h| h.ts) {
             m.send_to_deliver_seconds.observe(self.ctx.id, protocol::now_ms().saturating_sub(ts) as f64 / 1000.0);
         }
-        Ok(())
+        Ok(head)
     }
 
     async fn on_message(&mut self, msg: Message, pending: &mut Pending) -> Result<(), Reason> {
@@ -728,11 +740,42 @@ struct ItemHead<'a> {
     sid: Option<u64>,
     #[serde(borrow, default)]
     dev: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    to: Option<Cow<'a, str>>,
 }
 
 impl<'a> ItemHead<'a> {
     fn parse(b: &'a [u8]) -> Option<Self> {
         serde_json::from_slice(b).ok()
+    }
+
+    /// Adds this item (at inbox `seq`) to the per-conversation summary sent after a drain:
+    /// messages count as unread; this user's own messages from other devices and membership
+    /// events only move the conversation's last server id.
+    fn summarize(&self, seq: u64, convs: &mut Vec<ConvSummary>) {
+        let (conv, group, sid, unread) = match &*self.k {
+            "chat" => (self.from.as_deref(), None, seq, 1),
+            "outgoing" => (self.to.as_deref(), None, self.sid.unwrap_or(0), 0),
+            "group" => (None, self.group.as_deref(), self.sid.unwrap_or(0), 1),
+            "group_event" => (None, self.group.as_deref(), self.sid.unwrap_or(0), 0),
+            _ => return,
+        };
+        if conv.is_none() && group.is_none() {
+            return;
+        }
+        let same = |c: &&mut ConvSummary| c.conv.as_deref() == conv && c.group.as_deref() == group;
+        match convs.iter_mut().find(same) {
+            Some(c) => {
+                c.last_sid = c.last_sid.max(sid);
+                c.unread += unread;
+            }
+            None => convs.push(ConvSummary {
+                conv: conv.map(str::to_owned),
+                group: group.map(str::to_owned),
+                last_sid: sid,
+                unread,
+            }),
+        }
     }
 
     /// A copy of something this very device did (sent or read), kept for the other devices.

@@ -371,6 +371,11 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         group: Option<&'a str>,
     },
+    /// Sent once before `synced` on connect: per conversation that had items in the inbox drain,
+    /// its last server id and how many messages in it are new.
+    Conversations {
+        convs: &'a [ConvSummary],
+    },
     /// Answer to a group operation: the group as it is now.
     Group {
         id: &'a str,
@@ -396,6 +401,17 @@ impl ServerFrame<'_> {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("server frame serialises")
     }
+}
+
+/// A conversation in the `conversations` frame: `conv` (a user) or `group`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvSummary {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    pub last_sid: u64,
+    pub unread: u32,
 }
 
 /// One user's presence: online now, or when last seen (ms since the epoch; absent if never).

@@ -31,6 +31,8 @@ pub struct Synced {
     pub items: Vec<Value>,
     /// The `seq` of the `synced` frame.
     pub seq: u64,
+    /// The `conversations` summary sent before `synced` (when the drain had items).
+    pub conversations: Option<Value>,
 }
 
 /// A test client connection.
@@ -216,6 +218,7 @@ impl WsClient {
     pub async fn try_sync(&mut self) -> Result<Synced, Option<u16>> {
         let mut hello = None;
         let mut items = Vec::new();
+        let mut conversations = None;
         loop {
             let f = match self.next_event(self.timeout).await {
                 Event::Frame(f) => f,
@@ -225,9 +228,10 @@ impl WsClient {
             match (f["t"].as_str(), &hello) {
                 (Some("hello"), None) => hello = Some(f),
                 (Some("msg"), Some(_)) => items.push(f),
+                (Some("conversations"), Some(_)) => conversations = Some(f),
                 (Some("synced"), Some(_)) => {
                     let seq = f["seq"].as_u64().expect("synced.seq is a number");
-                    return Ok(Synced { hello: hello.unwrap(), items, seq });
+                    return Ok(Synced { hello: hello.unwrap(), items, seq, conversations });
                 }
                 _ => panic!("expected `hello`, then `msg`s and `synced`; got {f}"),
             }

@@ -9,6 +9,7 @@
 //! No timing assertions: timeouts only keep a broken system from hanging a test.
 
 mod auth;
+mod conversations;
 mod delivery;
 mod devices;
 mod drain;
