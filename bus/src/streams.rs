@@ -96,6 +96,23 @@ pub fn groups_stream(s: &StreamSettings) -> stream::Config {
     }
 }
 
+/// `HISTORY`: opted-in users' copies of their conversations, each with a per-message TTL (the
+/// user's retention), under a 90-day ceiling.
+pub fn history_stream(s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name: subjects::HISTORY_STREAM.to_owned(),
+        subjects: vec![subjects::HISTORY_SUBJECTS.to_owned()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: Duration::from_secs(u64::from(subjects::MAX_HISTORY_DAYS) * 24 * 3600),
+        allow_message_ttl: true,
+        allow_direct: true,
+        duplicate_window: s.duplicate_window,
+        num_replicas: s.replicas,
+        ..Default::default()
+    }
+}
+
 /// `RECEIPTS`: group receipt events on `receipts.<gid>`, aggregated by storage.
 pub fn receipts_stream(s: &StreamSettings) -> stream::Config {
     stream::Config {
@@ -125,13 +142,14 @@ fn bucket(s: &StreamSettings, name: &str, description: &str, max_age: Duration) 
 /// The buckets beside the cursors: group state by group id, each user's groups, presence per
 /// `<user>.<gateway>` (kept as long as last seen matters), and gateway heartbeats (a dead
 /// gateway's beat is removed by the gateway that reaps it).
-pub fn other_buckets(s: &StreamSettings) -> [kv::Config; 5] {
+pub fn other_buckets(s: &StreamSettings) -> [kv::Config; 6] {
     [
         bucket(s, subjects::GROUPS_BUCKET, "group state by group id (JSON GroupState)", Duration::ZERO),
         bucket(s, subjects::MEMBERSHIPS_BUCKET, "group ids by user id (JSON list)", Duration::ZERO),
         bucket(s, subjects::PRESENCE_BUCKET, "presence by <user>.<gateway> (JSON PresenceRecord)", s.cursor_max_age),
         bucket(s, subjects::GATEWAYS_BUCKET, "gateway heartbeats (JSON GatewayBeat)", Duration::ZERO),
         bucket(s, subjects::REVOCATIONS_BUCKET, "session revocations by user (JSON Revocation)", s.revocation_max_age),
+        bucket(s, subjects::SETTINGS_BUCKET, "user settings by user id (JSON UserSettings)", Duration::ZERO),
     ]
 }
 
@@ -140,6 +158,7 @@ pub async fn provision(js: &jetstream::Context, s: &StreamSettings) -> anyhow::R
     js.create_or_update_stream(inbox_stream(s)).await.context("provisioning INBOX stream")?;
     js.create_or_update_stream(groups_stream(s)).await.context("provisioning GROUPS stream")?;
     js.create_or_update_stream(receipts_stream(s)).await.context("provisioning RECEIPTS stream")?;
+    js.create_or_update_stream(history_stream(s)).await.context("provisioning HISTORY stream")?;
     js.create_or_update_key_value(cursors_bucket(s)).await.context("provisioning cursors bucket")?;
     for b in other_buckets(s) {
         let name = b.bucket.clone();
@@ -153,7 +172,9 @@ pub async fn wait_ready(js: &jetstream::Context) -> anyhow::Result<()> {
     let mut logged = false;
     loop {
         let mut missing = Vec::new();
-        for stream in [subjects::INBOX_STREAM, subjects::GROUPS_STREAM, subjects::RECEIPTS_STREAM] {
+        for stream in
+            [subjects::INBOX_STREAM, subjects::GROUPS_STREAM, subjects::RECEIPTS_STREAM, subjects::HISTORY_STREAM]
+        {
             if js.get_stream(stream).await.is_err() {
                 missing.push(stream);
             }
@@ -165,6 +186,7 @@ pub async fn wait_ready(js: &jetstream::Context) -> anyhow::Result<()> {
             subjects::PRESENCE_BUCKET,
             subjects::GATEWAYS_BUCKET,
             subjects::REVOCATIONS_BUCKET,
+            subjects::SETTINGS_BUCKET,
         ] {
             if js.get_key_value(bucket).await.is_err() {
                 missing.push(bucket);

@@ -22,7 +22,9 @@ use futures::channel::oneshot;
 use futures::stream::{AbortHandle, Abortable, SelectAll};
 use futures::StreamExt;
 use fxhash::FxHashMap;
-use protocol::groups::{GroupReply, GroupRequest, GroupState, ReceiptEvent, WhoReadReply, WhoReadRequest};
+use protocol::groups::{
+    GroupReply, GroupRequest, GroupState, ReceiptEvent, UserSettings, WhoReadReply, WhoReadRequest,
+};
 use protocol::item::{InboxItem, ReceiptStatus};
 use protocol::{ids, subjects, Conversation, DeviceId, GroupId, PresenceView, ServerFrame, UserId};
 
@@ -77,7 +79,7 @@ pub enum Command {
         subject: String,
         msg_id: String,
         payload: Bytes,
-        mirror: Option<Mirror>,
+        mirrors: Vec<Mirror>,
         /// Stored with `Chat-Push: 1`: storage announces it if the recipient has no live device.
         push: bool,
         reply: oneshot::Sender<Result<Stored, PublishFailure>>,
@@ -133,6 +135,7 @@ pub enum Command {
         sender: UserId,
         msg_id: String,
         payload: Bytes,
+        mirrors: Vec<Mirror>,
         reply: oneshot::Sender<Result<Stored, PublishFailure>>,
     },
     /// Is `user` a member of `group`?
@@ -183,14 +186,29 @@ pub enum Command {
         user: UserId,
         reply: oneshot::Sender<usize>,
     },
+    /// Read the user's settings, or change its history retention first.
+    Settings {
+        user: UserId,
+        history_days: Option<u32>,
+        reply: oneshot::Sender<Result<UserSettings, PublishFailure>>,
+    },
+    /// A page of `user`'s history of conversation `conv` (a history subject token).
+    History {
+        user: UserId,
+        conv: String,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: usize,
+        reply: oneshot::Sender<Result<(Vec<(u64, Bytes)>, bool), PublishFailure>>,
+    },
     /// Tell every executor to drain.
     Drain,
 }
 
-/// After the PubAck of a 1:1 message, keep a copy in the sender's own inbox for its other
-/// devices (only when it has other devices).
+/// A copy of a sent message kept after its PubAck, when its server id is known (in the sender's
+/// own inbox, for its other devices and its history).
 pub struct Mirror {
-    pub user: UserId,
+    pub subject: String,
     pub item: InboxItem,
     pub msg_id: String,
 }
@@ -275,11 +293,11 @@ impl Bridge {
         subject: String,
         msg_id: String,
         payload: Bytes,
-        mirror: Option<Mirror>,
+        mirrors: Vec<Mirror>,
         push: bool,
     ) -> oneshot::Receiver<Result<Stored, PublishFailure>> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Publish { subject, msg_id, payload, mirror, push, reply });
+        self.send(Command::Publish { subject, msg_id, payload, mirrors, push, reply });
         rx
     }
 
@@ -319,10 +337,30 @@ impl Bridge {
         sender: UserId,
         msg_id: String,
         payload: Bytes,
+        mirrors: Vec<Mirror>,
     ) -> oneshot::Receiver<Result<Stored, PublishFailure>> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::GroupPublish { group, sender, msg_id, payload, reply });
+        self.send(Command::GroupPublish { group, sender, msg_id, payload, mirrors, reply });
         rx
+    }
+
+    pub async fn settings(&self, user: UserId, history_days: Option<u32>) -> Result<UserSettings, PublishFailure> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Settings { user, history_days, reply });
+        rx.await.unwrap_or(Err(PublishFailure::Unavailable))
+    }
+
+    pub async fn history(
+        &self,
+        user: UserId,
+        conv: String,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<(u64, Bytes)>, bool), PublishFailure> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::History { user, conv, before, after, limit, reply });
+        rx.await.unwrap_or(Err(PublishFailure::Unavailable))
     }
 
     pub async fn group_check(&self, group: GroupId, user: UserId) -> Result<(), PublishFailure> {
@@ -410,9 +448,20 @@ struct CachedGroup {
 
 /// Group commands waiting for the group's state to be loaded, in arrival order.
 enum GroupWait {
-    Typing { from: UserId },
-    Publish { sender: UserId, msg_id: String, payload: Bytes, reply: oneshot::Sender<Result<Stored, PublishFailure>> },
-    Check { user: UserId, reply: oneshot::Sender<Result<(), PublishFailure>> },
+    Typing {
+        from: UserId,
+    },
+    Publish {
+        sender: UserId,
+        msg_id: String,
+        payload: Bytes,
+        mirrors: Vec<Mirror>,
+        reply: oneshot::Sender<Result<Stored, PublishFailure>>,
+    },
+    Check {
+        user: UserId,
+        reply: oneshot::Sender<Result<(), PublishFailure>>,
+    },
 }
 
 fn member_check(members: Option<&[String]>, user: &str) -> Result<(), PublishFailure> {
@@ -450,6 +499,7 @@ async fn run(
     let mut groups: FxHashMap<String, CachedGroup> = FxHashMap::default();
     let mut group_waits: FxHashMap<String, Vec<GroupWait>> = FxHashMap::default();
     let groups_kv = js.get_key_value(subjects::GROUPS_BUCKET).await?;
+    let settings_kv = js.get_key_value(subjects::SETTINGS_BUCKET).await?;
     crate::revocation::spawn_watch(js.clone(), revocations, exec_tx.clone());
     spawn_group_watch(groups_kv.clone(), int_tx.clone());
     let mut read_marks: FxHashMap<(UserId, String, bool), (u64, String)> = FxHashMap::default();
@@ -471,8 +521,8 @@ async fn run(
             cmd = commands.recv_async() => {
                 let Ok(cmd) = cmd else { break };
                 match cmd {
-                    Command::Publish { subject, msg_id, payload, mirror, push, reply } => {
-                        publish(&js, &metrics, subject, msg_id, payload, mirror, push, reply).await;
+                    Command::Publish { subject, msg_id, payload, mirrors, push, reply } => {
+                        publish(&js, &metrics, subject, msg_id, payload, mirrors, push, reply).await;
                     }
                     Command::PresenceQuery { users, reply } => {
                         let _ = presence.send(PresenceCmd::Query { users, reply });
@@ -499,6 +549,20 @@ async fn run(
                         if up_to > e.0 {
                             *e = (up_to, dev);
                         }
+                    }
+                    Command::Settings { user, history_days, reply } => {
+                        let kv = settings_kv.clone();
+                        tokio::spawn(async move { let _ = reply.send(settings(&kv, &user, history_days).await); });
+                    }
+                    Command::History { user, conv, before, after, limit, reply } => {
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            let res = crate::history::page(&client, &subjects::history(user.as_str(), &conv), before, after, limit).await;
+                            let _ = reply.send(res.map_err(|e| {
+                                tracing::warn!(error = %format!("{e:#}"), "history read failed");
+                                PublishFailure::Unavailable
+                            }));
+                        });
                     }
                     Command::InboxLastSeq { reply } => {
                         let js = js.clone();
@@ -601,8 +665,8 @@ async fn run(
                         let e = receipts.entry((by, group, status, true)).or_insert(0);
                         *e = (*e).max(up_to);
                     }
-                    Command::GroupPublish { group, sender, msg_id, payload, reply } => {
-                        let wait = GroupWait::Publish { sender, msg_id, payload, reply };
+                    Command::GroupPublish { group, sender, msg_id, payload, mirrors, reply } => {
+                        let wait = GroupWait::Publish { sender, msg_id, payload, mirrors, reply };
                         group_command(&js, &client, &metrics, &groups_kv, &int_tx, &mut groups, &mut group_waits, group.to_string(), wait).await;
                     }
                     Command::GroupCheck { group, user, reply } => {
@@ -728,7 +792,7 @@ async fn publish(
     subject: String,
     msg_id: String,
     payload: Bytes,
-    mirror: Option<Mirror>,
+    mirrors: Vec<Mirror>,
     push: bool,
     reply: oneshot::Sender<Result<Stored, PublishFailure>>,
 ) {
@@ -756,8 +820,10 @@ async fn publish(
                 if ack.duplicate {
                     metrics.messages_duplicate.inc();
                 }
-                if let Some(m) = mirror {
-                    publish_mirror(&js, m, ack.sequence).await;
+                if !ack.duplicate {
+                    for m in mirrors {
+                        publish_mirror(&js, m, ack.sequence).await;
+                    }
                 }
                 Ok(Stored { seq: ack.sequence, duplicate: ack.duplicate })
             }
@@ -787,27 +853,23 @@ async fn publish_ephemeral(client: &async_nats::Client, to: &UserId, frame: Stri
     let _ = client.publish_with_headers(subjects::live(to), headers, frame.into()).await;
 }
 
-/// Stores the copy of a 1:1 message for the sender's other devices, now that its sid is known.
+/// Stores a copy of a sent message, now that its server id is known.
 async fn publish_mirror(js: &jetstream::Context, m: Mirror, sid: u64) {
     let item = match m.item {
         InboxItem::Outgoing { to, dev, id, body, media, ts, .. } => {
             InboxItem::Outgoing { to, dev, id, sid, body, media, ts }
         }
+        InboxItem::Group { group, from, dev, id, n, body, media, ts, .. } => {
+            InboxItem::Group { group, from, dev, id, sid, n, body, media, ts }
+        }
         other => other,
     };
-    let res = async {
-        js.send_publish(
-            subjects::inbox(&m.user),
-            PublishMessage::build().message_id(m.msg_id).payload(item.to_bytes().into()),
-        )
-        .await?
-        .await
-    }
-    .await;
+    let message = PublishMessage::build().message_id(m.msg_id).payload(item.to_bytes().into());
+    let res = async { js.send_publish(m.subject, message).await?.await }.await;
     if let Err(e) = res {
-        // The message itself is stored and acknowledged; only the sender's other devices miss
-        // the copy (they still get the receipts).
-        tracing::warn!(error = %e, "copy for the sender's other devices failed");
+        // The message itself is stored and acknowledged; only the copy (for the sender's other
+        // devices, or its history) is missing.
+        tracing::warn!(error = %e, "copy of a sent message failed");
     }
 }
 
@@ -996,6 +1058,28 @@ fn spawn_group_watch(kv: jetstream::kv::Store, int_tx: tokio::sync::mpsc::Unboun
     });
 }
 
+/// Reads a user's settings, after changing its history retention when asked.
+async fn settings(
+    kv: &jetstream::kv::Store,
+    user: &UserId,
+    history_days: Option<u32>,
+) -> Result<UserSettings, PublishFailure> {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        tracing::warn!(error = %e, "settings unavailable");
+        PublishFailure::Unavailable
+    };
+    if let Some(days) = history_days {
+        let s = UserSettings { history_days: days };
+        let v = serde_json::to_vec(&s).expect("settings serialise");
+        kv.put(user.as_str(), v.into()).await.map_err(|e| unavailable(&e))?;
+        return Ok(s);
+    }
+    match kv.get(user.as_str()).await.map_err(|e| unavailable(&e))? {
+        Some(v) => Ok(serde_json::from_slice(&v).unwrap_or_default()),
+        None => Ok(UserSettings::default()),
+    }
+}
+
 /// Runs a group command against the group's members (`Ok(None)`: no such group).
 async fn run_group_wait(
     js: &jetstream::Context,
@@ -1007,8 +1091,8 @@ async fn run_group_wait(
 ) {
     let verdict = |user: &str| members.and_then(|m| member_check(m, user));
     match wait {
-        GroupWait::Publish { sender, msg_id, payload, reply } => match verdict(sender.as_str()) {
-            Ok(()) => publish(js, metrics, format!("group.{gid}"), msg_id, payload, None, false, reply).await,
+        GroupWait::Publish { sender, msg_id, payload, mirrors, reply } => match verdict(sender.as_str()) {
+            Ok(()) => publish(js, metrics, format!("group.{gid}"), msg_id, payload, mirrors, false, reply).await,
             Err(e) => {
                 let _ = reply.send(Err(e));
             }

@@ -11,7 +11,7 @@ use async_tungstenite::WebSocketStream;
 use futures::stream::FuturesOrdered;
 use futures::{AsyncReadExt, AsyncWriteExt, FutureExt, SinkExt, StreamExt};
 use glommio::net::TcpStream;
-use protocol::groups::{GroupEntry, GroupReply, GroupRequest, WhoReadReply, WhoReadRequest};
+use protocol::groups::{GroupEntry, GroupReply, GroupRequest, UserSettings, WhoReadReply, WhoReadRequest};
 use protocol::item::{InboxItem, ReceiptStatus};
 use protocol::{
     decode_client_frame, ids, render_item, subjects, ClientFrame, ConvSummary, Conversation, DeviceId, ErrorCode,
@@ -24,6 +24,7 @@ use crate::executor::ExecCtx;
 use crate::handshake::{self, Request};
 use crate::outbox::Outbox;
 use crate::ratelimit::RateLimit;
+use protocol::ClientMsgId;
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -141,6 +142,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         mirror: false,
         watching: Vec::new(),
         typing: RateLimit::per_sec(ctx.cfg.typing_per_sec),
+        history_days: 0,
         messages: RateLimit::per_sec(ctx.cfg.messages_per_sec),
         ops: RateLimit::per_sec(ctx.cfg.ops_per_sec),
     };
@@ -189,6 +191,10 @@ enum Reply {
     WhoRead(String, String, u64, Result<WhoReadReply, PublishFailure>),
     /// A presence query.
     Presence(String, Vec<PresenceView>),
+    /// A settings read or change.
+    Settings(String, Result<UserSettings, PublishFailure>),
+    /// A history page.
+    History(String, Result<(Vec<(u64, bytes::Bytes)>, bool), PublishFailure>),
 }
 
 type Pending = FuturesOrdered<futures::future::LocalBoxFuture<'static, Reply>>;
@@ -213,6 +219,8 @@ struct Session {
     /// Users whose presence changes are pushed to this connection.
     watching: Vec<UserId>,
     typing: RateLimit,
+    /// Days of server-side history the user opted into (0: off).
+    history_days: u32,
     messages: RateLimit,
     ops: RateLimit,
 }
@@ -300,6 +308,7 @@ impl Session {
         };
         // With other devices registered, what this one sends and reads is copied for them.
         self.mirror = ctx.bridge.devices(self.user.clone()).await > 1;
+        self.history_days = ctx.bridge.settings(self.user.clone(), None).await.map(|s| s.history_days).unwrap_or(0);
         self.delivery = Delivery::new(cursor, MAX_UNACKED_TRACKED);
         if since > cursor {
             self.implicit_ack(since).await;
@@ -440,9 +449,15 @@ impl Session {
         path: &'static str,
     ) -> Result<Option<ItemHead<'p>>, Reason> {
         let head = ItemHead::parse(payload);
-        if head.as_ref().is_some_and(|h| h.is_own_sync(self.device.as_str())) {
-            // This device's own send or read, copied for the user's other devices.
+        if head.as_ref().is_some_and(|h| h.is_own_sync(self.user.as_str(), self.device.as_str())) {
+            // This device's own send or read, copied for the user's other devices and history:
+            // the device has it already. With nothing else awaiting the client's ack, count it
+            // as acknowledged, so the inbox can move on past it.
+            let settled = self.delivery.acked() == self.delivery.sent();
             self.delivery.mark_sent(seq, None);
+            if settled {
+                self.record_ack(seq);
+            }
             return Ok(None);
         }
         let frame = render_item(seq, payload);
@@ -496,19 +511,16 @@ impl Session {
             }
             ClientFrame::Send { id, to, body, media } => {
                 let ts = protocol::now_ms();
-                let mirror = self.mirror.then(|| Mirror {
-                    user: self.user.clone(),
-                    item: InboxItem::Outgoing {
-                        to: to.to_string(),
-                        dev: self.device.to_string(),
-                        id: id.to_string(),
-                        sid: 0,
-                        body: body.clone(),
-                        media: media.clone(),
-                        ts,
-                    },
-                    msg_id: ids::outgoing_dedup_id(&self.user, &self.device, &id),
-                });
+                let outgoing = InboxItem::Outgoing {
+                    to: to.to_string(),
+                    dev: self.device.to_string(),
+                    id: id.to_string(),
+                    sid: 0,
+                    body: body.clone(),
+                    media: media.clone(),
+                    ts,
+                };
+                let mirrors = self.copies_of_sent(outgoing, &id);
                 let item = InboxItem::Chat {
                     from: self.user.to_string(),
                     dev: self.device.to_string(),
@@ -521,24 +533,38 @@ impl Session {
                 // The command is queued now, in frame order: a connection's publishes reach
                 // JetStream in the order sent, and the `sent` answers go back in that order.
                 let rx =
-                    self.ctx.bridge.publish_cmd(subjects::inbox(&to), msg_id, item.to_bytes().into(), mirror, true);
+                    self.ctx.bridge.publish_cmd(subjects::inbox(&to), msg_id, item.to_bytes().into(), mirrors, true);
                 self.wait(pending, async move {
                     Reply::Sent(id.to_string(), rx.await.unwrap_or(Err(PublishFailure::Unavailable)))
                 });
                 Ok(())
             }
             ClientFrame::GroupSend { id, group, body, media } => {
+                let ts = protocol::now_ms();
+                let own = InboxItem::Group {
+                    group: group.to_string(),
+                    from: self.user.to_string(),
+                    dev: self.device.to_string(),
+                    id: id.to_string(),
+                    sid: 0,
+                    n: 0,
+                    body: body.clone(),
+                    media: media.clone(),
+                    ts,
+                };
+                // The fan-out skips the sender, so its other devices and its history get copies.
+                let mirrors = self.copies_of_sent(own, &id);
                 let entry = GroupEntry::Post {
                     from: self.user.to_string(),
                     dev: self.device.to_string(),
                     id: id.to_string(),
                     body,
                     media,
-                    ts: protocol::now_ms(),
+                    ts,
                 };
                 let payload = serde_json::to_vec(&entry).expect("group entry serialises");
                 let msg_id = ids::group_msg_dedup_id(&self.user, &self.device, &id);
-                let rx = self.ctx.bridge.group_publish_cmd(group, self.user.clone(), msg_id, payload.into());
+                let rx = self.ctx.bridge.group_publish_cmd(group, self.user.clone(), msg_id, payload.into(), mirrors);
                 self.wait(pending, async move {
                     Reply::Sent(id.to_string(), rx.await.unwrap_or(Err(PublishFailure::Unavailable)))
                 });
@@ -581,6 +607,27 @@ impl Session {
                 }
                 Ok(())
             }
+            ClientFrame::Settings { id, history_days } => {
+                let bridge = self.ctx.bridge.clone();
+                let user = self.user.clone();
+                self.wait(pending, async move {
+                    Reply::Settings(id.to_string(), bridge.settings(user, history_days).await)
+                });
+                Ok(())
+            }
+            ClientFrame::History { id, conv, before, after, limit } => {
+                let key = match &conv {
+                    Conversation::Direct(peer) => subjects::conversation_key(Some(peer.as_str()), None),
+                    Conversation::Group(g) => subjects::conversation_key(None, Some(g.as_str())),
+                }
+                .expect("a conversation has a key");
+                let bridge = self.ctx.bridge.clone();
+                let user = self.user.clone();
+                self.wait(pending, async move {
+                    Reply::History(id.to_string(), bridge.history(user, key, before, after, limit).await)
+                });
+                Ok(())
+            }
             ClientFrame::Typing { conv } => {
                 if self.typing.allow() {
                     self.ctx.bridge.typing(self.user.clone(), conv);
@@ -605,6 +652,21 @@ impl Session {
                 Ok(())
             }
         }
+    }
+
+    /// The copy of a message this device sends, kept in the user's own inbox once its server id
+    /// is known: for its other devices (when it has some) and for its history (when it opted in
+    /// — storage moves delivered inbox items into history in inbox order, so the user's own
+    /// messages interleave correctly with the ones it received).
+    fn copies_of_sent(&self, item: InboxItem, id: &ClientMsgId) -> Vec<Mirror> {
+        if !self.mirror && self.history_days == 0 {
+            return Vec::new();
+        }
+        vec![Mirror {
+            subject: subjects::inbox(&self.user),
+            item,
+            msg_id: ids::outgoing_dedup_id(&self.user, &self.device, id),
+        }]
     }
 
     /// Applies a cumulative ack: the device cursor, and delivery receipts for the senders.
@@ -651,21 +713,34 @@ impl Session {
                 self.send(f.to_json()).await
             }
             Reply::WhoRead(id, _, _, Ok(WhoReadReply::Error { code, msg })) => self.error(code, &msg, Some(&id)).await,
+            Reply::Settings(id, Ok(s)) => {
+                self.history_days = s.history_days;
+                self.send(ServerFrame::Settings { id: &id, history_days: s.history_days }.to_json()).await
+            }
+            Reply::History(id, Ok((items, more))) => {
+                let items: Vec<(u64, &[u8])> = items.iter().map(|(seq, b)| (*seq, &b[..])).collect();
+                self.send(protocol::render_history(&id, &items, more)).await
+            }
+            Reply::Settings(id, Err(e)) | Reply::History(id, Err(e)) => self.fail_reply(&id, e).await,
             Reply::Presence(id, users) => {
                 self.send(ServerFrame::Presence { id: Some(&id), users: &users }.to_json()).await
             }
             Reply::Sent(id, Err(e)) | Reply::Group(id, Err(e)) | Reply::WhoRead(id, _, _, Err(e)) => {
-                let (code, msg) = match e {
-                    PublishFailure::Unavailable => {
-                        (ErrorCode::Unavailable, "not confirmed by the backbone; retry with the same id")
-                    }
-                    PublishFailure::Internal => (ErrorCode::Internal, "server failure; retry with the same id"),
-                    PublishFailure::NotFound => (ErrorCode::NotFound, "no such group"),
-                    PublishFailure::Forbidden => (ErrorCode::Forbidden, "not a member of this group"),
-                };
-                self.error(code, msg, Some(&id)).await
+                self.fail_reply(&id, e).await
             }
         }
+    }
+
+    async fn fail_reply(&mut self, id: &str, e: PublishFailure) -> Result<(), Reason> {
+        let (code, msg) = match e {
+            PublishFailure::Unavailable => {
+                (ErrorCode::Unavailable, "not confirmed by the backbone; retry with the same id")
+            }
+            PublishFailure::Internal => (ErrorCode::Internal, "server failure; retry with the same id"),
+            PublishFailure::NotFound => (ErrorCode::NotFound, "no such group"),
+            PublishFailure::Forbidden => (ErrorCode::Forbidden, "not a member of this group"),
+        };
+        self.error(code, msg, Some(id)).await
     }
 
     async fn error(&mut self, code: ErrorCode, msg: &str, id: Option<&str>) -> Result<(), Reason> {
@@ -779,8 +854,13 @@ impl<'a> ItemHead<'a> {
     }
 
     /// A copy of something this very device did (sent or read), kept for the other devices.
-    fn is_own_sync(&self, device: &str) -> bool {
-        matches!(&*self.k, "outgoing" | "read_mark") && self.dev.as_deref() == Some(device)
+    fn is_own_sync(&self, user: &str, device: &str) -> bool {
+        let own_device = self.dev.as_deref() == Some(device);
+        match &*self.k {
+            "outgoing" | "read_mark" => own_device,
+            "group" => own_device && self.from.as_deref() == Some(user),
+            _ => false,
+        }
     }
 
     /// Messages earn delivery receipts; receipts and events do not.

@@ -12,6 +12,7 @@ mod conn;
 mod delivery;
 mod executor;
 mod handshake;
+mod history;
 mod metrics;
 mod outbox;
 mod presence;

@@ -44,10 +44,17 @@ pub enum ClientFrame {
     Typing { conv: Conversation },
     /// Online / last seen of these users, answered with `presence`.
     Presence { id: ClientMsgId, users: Vec<UserId> },
+    /// Read (`history_days` absent) or change the user's settings; answered with `settings`.
+    Settings { id: ClientMsgId, history_days: Option<u32> },
+    /// A page of the user's server-side history of a conversation, answered with `history`.
+    History { id: ClientMsgId, conv: Conversation, before: Option<u64>, after: Option<u64>, limit: usize },
     /// Push presence changes of these users to this connection (replaces the previous list; an
     /// empty list stops the pushes).
     PresenceSub { users: Vec<UserId> },
 }
+
+/// Most items one history page may hold.
+pub const MAX_HISTORY_PAGE: usize = 100;
 
 /// Most users one presence query or subscription may name.
 pub const MAX_PRESENCE_USERS: usize = 256;
@@ -62,6 +69,24 @@ pub enum Conversation {
 #[derive(Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 enum RawFrame {
+    Settings {
+        id: String,
+        #[serde(default)]
+        history_days: Option<u32>,
+    },
+    History {
+        id: String,
+        #[serde(default)]
+        conv: Option<String>,
+        #[serde(default)]
+        group: Option<String>,
+        #[serde(default)]
+        before: Option<u64>,
+        #[serde(default)]
+        after: Option<u64>,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
     Typing {
         #[serde(default)]
         conv: Option<String>,
@@ -265,6 +290,25 @@ pub fn decode_client_frame(bytes: &[u8], limits: &Limits) -> Result<ClientFrame,
             let group = GroupId::parse(&group).map_err(|e| bad_field(format!("group: {e}"), &id))?;
             Ok(ClientFrame::WhoRead { id: cid, group, sid })
         }
+        RawFrame::Settings { id, history_days } => {
+            let cid = client_id(&id)?;
+            if history_days.is_some_and(|d| d > crate::subjects::MAX_HISTORY_DAYS) {
+                return Err(bad_field(format!("history_days must be 0 to {}", crate::subjects::MAX_HISTORY_DAYS), &id));
+            }
+            Ok(ClientFrame::Settings { id: cid, history_days })
+        }
+        RawFrame::History { id, conv, group, before, after, limit } => {
+            let cid = client_id(&id)?;
+            let conv = conversation(conv, group).map_err(|e| DecodeError { id: Some(id.clone()), ..e })?;
+            if before.is_some() && after.is_some() {
+                return Err(bad_field("at most one of before and after".into(), &id));
+            }
+            let limit = limit.unwrap_or(50);
+            if limit == 0 || limit > MAX_HISTORY_PAGE {
+                return Err(bad_field(format!("limit must be 1 to {MAX_HISTORY_PAGE}"), &id));
+            }
+            Ok(ClientFrame::History { id: cid, conv, before, after, limit })
+        }
         RawFrame::Typing { conv, group } => Ok(ClientFrame::Typing { conv: conversation(conv, group)? }),
         RawFrame::Presence { id, users } => {
             let cid = client_id(&id)?;
@@ -376,6 +420,11 @@ pub enum ServerFrame<'a> {
     Conversations {
         convs: &'a [ConvSummary],
     },
+    /// The user's settings (answer to `settings`).
+    Settings {
+        id: &'a str,
+        history_days: u32,
+    },
     /// Answer to a group operation: the group as it is now.
     Group {
         id: &'a str,
@@ -421,6 +470,27 @@ pub struct PresenceView {
     pub online: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<u64>,
+}
+
+/// Renders a page of history: `{"t":"history","id":..,"more":..,"items":[{"hseq":..,"m":<item>},..]}`
+/// without parsing the stored items (JSON written by our own services).
+pub fn render_history(id: &str, items: &[(u64, &[u8])], more: bool) -> String {
+    let mut s = String::with_capacity(64 + items.iter().map(|(_, b)| b.len() + 24).sum::<usize>());
+    s.push_str("{\"t\":\"history\",\"id\":");
+    s.push_str(&serde_json::to_string(id).expect("a string serialises"));
+    s.push_str(if more { ",\"more\":true,\"items\":[" } else { ",\"more\":false,\"items\":[" });
+    for (i, (hseq, item)) in items.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str("{\"hseq\":");
+        s.push_str(&hseq.to_string());
+        s.push_str(",\"m\":");
+        s.push_str(std::str::from_utf8(item).unwrap_or("null"));
+        s.push('}');
+    }
+    s.push_str("]}");
+    s
 }
 
 /// Renders a stored inbox item as a `msg` frame without parsing it:
@@ -543,6 +613,29 @@ mod tests {
         let wrong_type =
             r#"{"t":"send","id":"c","to":"b","body":"","media":{"url":"https://x","mime":"a/b","size":"big"}}"#;
         assert_eq!(dec(wrong_type).unwrap_err().code, ErrorCode::BadField);
+    }
+
+    #[test]
+    fn settings_and_history_frames() {
+        assert_eq!(
+            dec(r#"{"t":"settings","id":"s","history_days":30}"#).unwrap(),
+            ClientFrame::Settings { id: ClientMsgId::parse("s").unwrap(), history_days: Some(30) }
+        );
+        assert_eq!(dec(r#"{"t":"settings","id":"s","history_days":91}"#).unwrap_err().code, ErrorCode::BadField);
+        let ClientFrame::History { limit, before, .. } =
+            dec(r#"{"t":"history","id":"h","conv":"bob","before":9}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((limit, before), (50, Some(9)));
+        let code = |s: &str| dec(s).unwrap_err().code;
+        assert_eq!(code(r#"{"t":"history","id":"h","conv":"b","before":1,"after":2}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"t":"history","id":"h","group":"g","limit":1000}"#), ErrorCode::BadField);
+        assert_eq!(code(r#"{"t":"history","id":"h"}"#), ErrorCode::BadField);
+        assert_eq!(
+            render_history("h\"1", &[(3, br#"{"k":"chat"}"#)], true),
+            r#"{"t":"history","id":"h\"1","more":true,"items":[{"hseq":3,"m":{"k":"chat"}}]}"#
+        );
     }
 
     #[test]

@@ -147,6 +147,14 @@ pub struct PresenceRecord {
     pub at: u64,
 }
 
+/// A user's settings (KV `settings`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSettings {
+    /// Server-side history kept for this many days (0: off, the ephemeral default; at most 90).
+    #[serde(default)]
+    pub history_days: u32,
+}
+
 /// A revocation of a user's sessions (KV `revocations`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {

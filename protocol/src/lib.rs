@@ -11,8 +11,8 @@ pub mod subjects;
 pub mod token;
 
 pub use frames::{
-    decode_client_frame, render_item, ClientFrame, ConvSummary, Conversation, DecodeError, ErrorCode, Limits,
-    PresenceView, ServerFrame,
+    decode_client_frame, render_history, render_item, ClientFrame, ConvSummary, Conversation, DecodeError, ErrorCode,
+    Limits, PresenceView, ServerFrame,
 };
 pub use ids::{ClientMsgId, DeviceId, GroupId, IdError, UserId};
 pub use item::InboxItem;

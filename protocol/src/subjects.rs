@@ -36,6 +36,30 @@ pub const PRESENCE_BUCKET: &str = "presence";
 /// KV bucket of session revocations, keyed by user id (JSON `Revocation`): tokens issued before
 /// `before` are refused and the user's sessions are closed.
 pub const REVOCATIONS_BUCKET: &str = "revocations";
+/// The stream of server-side history, for users who opted in: `history.<user>.<conversation>`
+/// where the conversation is `d-<peer>` or `g-<group id>`. One copy per user, so each user's
+/// retention applies to its own copies (per-message TTL) and a user reads only its own.
+pub const HISTORY_STREAM: &str = "HISTORY";
+pub const HISTORY_SUBJECTS: &str = "history.>";
+/// Longest history retention a user may choose, days.
+pub const MAX_HISTORY_DAYS: u32 = 90;
+/// KV bucket of per-user settings, keyed by user id (JSON `UserSettings`).
+pub const SETTINGS_BUCKET: &str = "settings";
+
+/// The history subject of `user`'s conversation `conv` (see [`conversation_key`]).
+pub fn history(user: &str, conv: &str) -> String {
+    format!("history.{user}.{conv}")
+}
+
+/// The conversation token of a 1:1 peer or a group in history subjects.
+pub fn conversation_key(peer: Option<&str>, group: Option<&str>) -> Option<String> {
+    match (peer, group) {
+        (Some(p), None) => Some(format!("d-{p}")),
+        (None, Some(g)) => Some(format!("g-{g}")),
+        _ => None,
+    }
+}
+
 /// KV bucket of gateway heartbeats, keyed by gateway id (JSON `GatewayBeat`).
 pub const GATEWAYS_BUCKET: &str = "gateways";
 

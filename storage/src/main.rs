@@ -13,6 +13,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod cursors;
+mod history;
 mod metrics;
 mod notifier;
 mod purger;
@@ -113,6 +114,9 @@ impl Args {
             if v == 0 {
                 bail!("{name} must be at least 1");
             }
+        }
+        if self.inbox_max_age_secs > 365 * 24 * 3600 {
+            bail!("--inbox-max-age-secs is at most a year (31536000)");
         }
         // JetStream refuses a stream whose duplicate window is longer than its max age.
         for (name, v) in
@@ -239,7 +243,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             shutdown_rx.clone(),
         ))
     });
-    let purger = tokio::spawn(purger::run(js, table, metrics, purge_cfg, shutdown_rx));
+    let history = Arc::new(history::HistorySettings::default());
+    let history_watch = history::spawn_watch(js.clone(), history.clone());
+    let purger = tokio::spawn(purger::run(js, table, metrics, purge_cfg, history, shutdown_rx));
 
     stop.await;
     tracing::info!("shutting down");
@@ -247,6 +253,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     // The purger finishes its batch in flight and flushes once more, within its own time bound.
     let _ = purger.await;
+    history_watch.abort();
     let _ = watcher.await;
     // Stops consuming and answering, then publishes the ticks already due (bounded in time).
     let _ = receipts.await;

@@ -17,6 +17,9 @@ pub struct Metrics {
     pub cursor_rejects: Counter,
     pub watch_restarts: Counter,
     pub purges: Counter,
+    pub history_copies: Counter,
+    pub purged_messages: Counter,
+    pub expired_undelivered: Counter,
     pub purge_errors: Counter,
     pub purge_seconds: Histogram,
     pub tracked_devices: Gauge,
@@ -51,6 +54,9 @@ impl Metrics {
             cursor_rejects: Counter::default(),
             watch_restarts: Counter::default(),
             purges: Counter::default(),
+            history_copies: Counter::default(),
+            purged_messages: Counter::default(),
+            expired_undelivered: Counter::default(),
             purge_errors: Counter::default(),
             // 0.5 ms .. ~8 s.
             purge_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
@@ -91,6 +97,21 @@ impl Metrics {
             m.watch_restarts.clone(),
         );
         r.register("storage_purges", "Inbox purges of acknowledged messages that succeeded", m.purges.clone());
+        r.register(
+            "storage_purged_messages",
+            "Inbox messages removed because every device of their user acknowledged them",
+            m.purged_messages.clone(),
+        );
+        r.register(
+            "storage_inbox_expired_undelivered",
+            "Inbox messages dropped undelivered at the inbox max age (derived: removals not made by purges)",
+            m.expired_undelivered.clone(),
+        );
+        r.register(
+            "storage_history_copies",
+            "Delivered items moved into the history of users who opted in",
+            m.history_copies.clone(),
+        );
         r.register("storage_purge_errors", "Inbox purges that failed (they are retried)", m.purge_errors.clone());
         r.register("storage_purge_seconds", "Latency of one inbox purge request", m.purge_seconds.clone());
         r.register("storage_tracked_devices", "Devices whose cursor is held in memory", m.tracked_devices.clone());

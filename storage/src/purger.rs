@@ -13,6 +13,7 @@ use protocol::subjects;
 use tokio::sync::watch;
 
 use crate::cursors::{CursorTable, PurgeAction};
+use crate::history::HistorySettings;
 use crate::metrics::Metrics;
 use crate::watcher::lock;
 
@@ -42,6 +43,7 @@ pub async fn run(
     table: Arc<Mutex<CursorTable>>,
     metrics: Metrics,
     cfg: PurgeConfig,
+    history: Arc<HistorySettings>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // No info request: the handle only names the stream, which may not exist yet.
@@ -63,12 +65,12 @@ pub async fn run(
             last_expire = Instant::now();
             expire(&table, cfg.cursor_max_age);
         }
-        let b = batch(&inbox, &table, &metrics, cfg.concurrency).await;
+        let b = batch(&js, &inbox, &table, &metrics, &history, cfg.concurrency).await;
         pause = if b.failed { (pause * 2).clamp(cfg.interval, MAX_BACKOFF.max(cfg.interval)) } else { cfg.interval };
     }
     let flush = async {
         loop {
-            let b = batch(&inbox, &table, &metrics, cfg.concurrency).await;
+            let b = batch(&js, &inbox, &table, &metrics, &history, cfg.concurrency).await;
             if b.taken == 0 || b.failed {
                 break;
             }
@@ -96,7 +98,14 @@ struct BatchOutcome {
 }
 
 /// One batch of purges.
-async fn batch(inbox: &Stream<()>, table: &Mutex<CursorTable>, metrics: &Metrics, concurrency: usize) -> BatchOutcome {
+async fn batch(
+    js: &jetstream::Context,
+    inbox: &Stream<()>,
+    table: &Mutex<CursorTable>,
+    metrics: &Metrics,
+    history: &HistorySettings,
+    concurrency: usize,
+) -> BatchOutcome {
     let actions = {
         let mut t = lock(table);
         metrics.tracked_devices.set(t.tracked_devices() as i64);
@@ -108,7 +117,7 @@ async fn batch(inbox: &Stream<()>, table: &Mutex<CursorTable>, metrics: &Metrics
     }
     let results: Vec<(PurgeAction, bool)> = futures::stream::iter(actions)
         .map(|a| async move {
-            let ok = purge(inbox, &a, metrics).await;
+            let ok = purge(js, inbox, &a, metrics, history.days(a.user.as_str())).await;
             (a, ok)
         })
         .buffer_unordered(concurrency.max(1))
@@ -125,15 +134,30 @@ async fn batch(inbox: &Stream<()>, table: &Mutex<CursorTable>, metrics: &Metrics
     BatchOutcome { taken, failed }
 }
 
-/// Removes every message of `inbox.<user>` with a sequence up to and including `up_to`.
-async fn purge(inbox: &Stream<()>, a: &PurgeAction, metrics: &Metrics) -> bool {
+/// Removes every message of `inbox.<user>` with a sequence up to and including `up_to`, after
+/// moving its conversation items into the user's history when the user keeps one.
+async fn purge(
+    js: &jetstream::Context,
+    inbox: &Stream<()>,
+    a: &PurgeAction,
+    metrics: &Metrics,
+    history_days: u32,
+) -> bool {
     let started = Instant::now();
+    if history_days > 0 {
+        if let Err(e) = crate::history::archive(js, &a.user, a.up_to, history_days, metrics).await {
+            metrics.purge_errors.inc();
+            tracing::warn!(user = %a.user, error = %format!("{e:#}"), "moving items to history failed; will retry");
+            return false;
+        }
+    }
     // `seq` keeps messages with a sequence >= seq.
     let res = inbox.purge().filter(subjects::inbox(&a.user)).sequence(a.up_to.saturating_add(1)).await;
     metrics.purge_seconds.observe(started.elapsed().as_secs_f64());
     match res {
         Ok(r) => {
             metrics.purges.inc();
+            metrics.purged_messages.inc_by(r.purged);
             tracing::debug!(user = %a.user, up_to = a.up_to, purged = r.purged, "purged inbox");
             true
         }

@@ -14,6 +14,12 @@ pub async fn run(js: jetstream::Context, metrics: Metrics) {
     let Ok(inbox) = js.get_stream_no_info(subjects::INBOX_STREAM).await else {
         return;
     };
+    // Messages leave INBOX by purge (delivered) or by age (undelivered); the stream counts only
+    // the total, so age expiries are the removals the purges do not explain.
+    // A purge landing between the two readings skews one tick's difference; taking the smaller
+    // of two consecutive ticks' differences keeps such a transient out of the counter.
+    let mut start: Option<(u64, u64)> = None;
+    let (mut last_diff, mut counted) = (0u64, 0u64);
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -22,6 +28,16 @@ pub async fn run(js: jetstream::Context, metrics: Metrics) {
             Ok(info) => {
                 metrics.inbox_messages.set(clamp(info.state.messages));
                 metrics.inbox_bytes.set(clamp(info.state.bytes));
+                let removed = info.state.last_sequence.saturating_sub(info.state.messages);
+                let purged = metrics.purged_messages.get();
+                let (r0, p0) = *start.get_or_insert((removed, purged));
+                let diff = removed.saturating_sub(r0).saturating_sub(purged.saturating_sub(p0));
+                let settled = diff.min(last_diff);
+                if settled > counted {
+                    metrics.expired_undelivered.inc_by(settled - counted);
+                    counted = settled;
+                }
+                last_diff = diff;
             }
             // Expected while NATS restarts; the next tick retries.
             Err(e) => tracing::debug!(error = %e, "INBOX stream info failed"),

@@ -24,6 +24,9 @@ async fn reconnecting_client_gets_a_conversation_summary() {
         alice.send_json(&json!({"t": "gsend", "id": format!("g-{i}"), "group": gid, "body": "plan"})).await;
         last_group = alice.recv_type("sent").await["sid"].as_u64().unwrap();
     }
+    // `sent` means durable in the group timeline; the fan-out to inboxes follows. Carol, online,
+    // seeing the last group message means bob's copy is stored too (one fan-out per entry).
+    carol.recv_until(|f| f["t"] == "msg" && f["m"]["k"] == "group" && f["m"]["sid"] == last_group).await;
 
     // Bob was never connected: everything waits in his inbox.
     let mut bob = sys.connect(0, "bob", "phone").await;

@@ -18,6 +18,8 @@ mod group_kit;
 mod group_receipts;
 mod groups;
 mod heartbeat;
+mod history;
+mod hostile;
 mod malformed;
 mod media;
 mod presence;
