@@ -28,6 +28,11 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(60);
 #[derive(Debug, Parser)]
 #[command(name = "router", about = "Group membership service and group message fan-out")]
 struct Args {
+    /// A TOML config file: `[section] key = value` sets the variable SECTION_KEY (flags and the
+    /// environment win over it). Also from env CHAT_CONFIG.
+    #[arg(long)]
+    #[allow(dead_code)] // read by telemetry::apply_config_file before parsing
+    config: Option<std::path::PathBuf>,
     #[command(flatten)]
     nats: bus::NatsArgs,
     /// Address of the /metrics, /healthz and /readyz endpoint.
@@ -78,6 +83,7 @@ impl Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    telemetry::apply_config_file()?;
     let args = Args::parse();
     telemetry::init_logging("router");
     args.validate()?;
@@ -91,7 +97,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut stop = std::pin::pin!(stop_signal()?);
+    let mut stop = std::pin::pin!(telemetry::stop_signal()?);
     let (metrics, registry) = Metrics::new();
     let registry = Arc::new(registry);
     let render: telemetry::Render = Arc::new(move || telemetry::encode_registry(&registry));
@@ -167,19 +173,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT. Handlers are installed when this is called, not when awaited.
-fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    })
 }
 
 /// Counts reconnects and keeps readiness in line with the connection.

@@ -39,6 +39,11 @@ use crate::receipt_book::{BookConfig, ReceiptBook};
 #[derive(Debug, Parser)]
 #[command(name = "storage", about = "Provisions the JetStream streams and purges delivered inbox messages")]
 struct Args {
+    /// A TOML config file: `[section] key = value` sets the variable SECTION_KEY (flags and the
+    /// environment win over it). Also from env CHAT_CONFIG.
+    #[arg(long)]
+    #[allow(dead_code)] // read by telemetry::apply_config_file before parsing
+    config: Option<std::path::PathBuf>,
     #[command(flatten)]
     nats: bus::NatsArgs,
     /// Address of the /metrics, /healthz and /readyz endpoint.
@@ -164,6 +169,7 @@ impl Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    telemetry::apply_config_file()?;
     let args = Args::parse();
     telemetry::init_logging("storage");
     args.validate()?;
@@ -177,7 +183,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut stop = std::pin::pin!(stop_signal()?);
+    let mut stop = std::pin::pin!(telemetry::stop_signal()?);
     let (metrics, registry) = Metrics::new();
     let registry = Arc::new(registry);
     let render: telemetry::Render = Arc::new(move || telemetry::encode_registry(&registry));
@@ -264,19 +270,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     stats.abort();
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT. Handlers are installed when this is called, not when awaited.
-fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    })
 }
 
 /// Creates or updates the streams, retrying with backoff: NATS may still be starting.

@@ -11,6 +11,7 @@ mod http;
 mod logging;
 mod metrics;
 mod sharded;
+mod signals;
 
 pub use config_file::{apply_config_file, env_pairs};
 pub use health::Health;
@@ -18,6 +19,7 @@ pub use http::{serve, serve_listener, spawn};
 pub use logging::init_logging;
 pub use metrics::{encode_registry, METRICS_CONTENT_TYPE};
 pub use sharded::{exponential, ShardedHistogram};
+pub use signals::stop_signal;
 
 /// The metrics renderer the HTTP endpoint calls on every `GET /metrics`.
 pub type Render = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
