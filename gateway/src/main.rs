@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     }
     tracing::info!(gateway = %gateway_id, listen = %cfg.listen, metrics = %cfg.metrics_addr, executors = cores, "gateway serving");
 
-    wait_for_signal();
+    wait_for_signal()?;
     tracing::info!("draining");
     ready.drain();
     bridge.drain();
@@ -99,16 +99,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Blocks until SIGTERM or SIGINT.
-fn wait_for_signal() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("signal runtime");
-    rt.block_on(async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    });
+fn wait_for_signal() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async { anyhow::Ok(telemetry::stop_signal()?.await) })
 }
 
 fn rand_u32() -> u32 {
