@@ -106,7 +106,7 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>, ready: Ar
     let tq: TaskQueueHandle =
         glommio::executor().create_task_queue(Shares::default(), Latency::Matters(Duration::from_millis(1)), "conn");
 
-    let dispatcher = {
+    {
         let ctx = ctx.clone();
         glommio::spawn_local_into(
             async move {
@@ -117,9 +117,8 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>, ready: Ar
             tq,
         )
         .expect("spawning the dispatcher")
-        .detach()
-    };
-    let _ = dispatcher;
+        .detach();
+    }
 
     // Busy time for the metrics: what the executor spent running tasks, sampled every second.
     {

@@ -101,7 +101,10 @@ fn main() -> anyhow::Result<()> {
 /// Blocks until SIGTERM or SIGINT.
 fn wait_for_signal() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async { anyhow::Ok(telemetry::stop_signal()?.await) })
+    rt.block_on(async {
+        telemetry::stop_signal()?.await;
+        anyhow::Ok(())
+    })
 }
 
 fn rand_u32() -> u32 {

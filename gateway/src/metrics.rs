@@ -206,7 +206,7 @@ impl Metrics {
         let open = self.connections_open.get().max(0) as u64;
         let _ = writeln!(out, "# HELP gateway_memory_per_connection_bytes Resident memory divided by open connections");
         let _ = writeln!(out, "# TYPE gateway_memory_per_connection_bytes gauge");
-        let _ = writeln!(out, "gateway_memory_per_connection_bytes {}", if open == 0 { 0 } else { resident / open });
+        let _ = writeln!(out, "gateway_memory_per_connection_bytes {}", resident.checked_div(open).unwrap_or(0));
         out
     }
 }

@@ -74,6 +74,9 @@ pub fn combine(
     PresenceView { user: user.to_owned(), online, last_seen: if online { None } else { last_seen } }
 }
 
+/// Announcements of presence changes of one watched user, tagged with the user.
+type ChangeStream = Abortable<futures::stream::Map<async_nats::Subscriber, fn(async_nats::Message) -> String>>;
+
 struct Watch {
     execs: Vec<(usize, u32)>,
     abort: AbortHandle,
@@ -120,9 +123,7 @@ async fn run(
     let mut beats: FxHashMap<String, u64> = FxHashMap::default();
     let mut beat_tick = tokio::time::interval(beat_every);
     let mut watches: FxHashMap<UserId, Watch> = FxHashMap::default();
-    let mut changes: SelectAll<
-        Abortable<futures::stream::Map<async_nats::Subscriber, fn(async_nats::Message) -> String>>,
-    > = SelectAll::new();
+    let mut changes: SelectAll<ChangeStream> = SelectAll::new();
     let (view_tx, mut views) = mpsc::unbounded_channel::<PresenceView>();
 
     loop {

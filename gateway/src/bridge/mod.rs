@@ -32,6 +32,14 @@ use crate::metrics::Metrics;
 use crate::presence::{self, PresenceCmd};
 use crate::readiness::Readiness;
 
+mod groups;
+mod kv;
+mod publish;
+
+use groups::*;
+use kv::*;
+use publish::*;
+
 /// Settings the bridge needs from the gateway's config.
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
@@ -44,6 +52,9 @@ pub struct BridgeConfig {
     /// A gateway silent this long is dead, and its users offline.
     pub presence_timeout: Duration,
 }
+
+/// A page of history: (history position, stored item) oldest first, and whether it was full.
+pub type HistoryPage = (Vec<(u64, Bytes)>, bool);
 
 /// A message stored by JetStream.
 #[derive(Debug, Clone, Copy)]
@@ -63,16 +74,6 @@ pub enum PublishFailure {
     /// The sender is not a member of the group.
     Forbidden,
 }
-
-/// How long a group's membership, read from KV `groups`, is trusted for checking sends. Every
-/// change to the bucket is also pushed to the gateway (a watch of KV `groups`) and applied to
-/// cached groups at once — the router writes KV before it records the membership event, so a
-/// member who has seen its `added` event is already known here. The time limit only bounds
-/// staleness while that watch is down. The router re-checks every post at its exact position in
-/// the group timeline, so a stale cache can never make a non-member's message reach anyone.
-const GROUP_CACHE_TTL: Duration = Duration::from_secs(30);
-/// Groups whose membership a gateway keeps in memory.
-const GROUP_CACHE_MAX: usize = 100_000;
 
 pub enum Command {
     Publish {
@@ -199,7 +200,7 @@ pub enum Command {
         before: Option<u64>,
         after: Option<u64>,
         limit: usize,
-        reply: oneshot::Sender<Result<(Vec<(u64, Bytes)>, bool), PublishFailure>>,
+        reply: oneshot::Sender<Result<HistoryPage, PublishFailure>>,
     },
     /// Tell every executor to drain.
     Drain,
@@ -357,7 +358,7 @@ impl Bridge {
         before: Option<u64>,
         after: Option<u64>,
         limit: usize,
-    ) -> Result<(Vec<(u64, Bytes)>, bool), PublishFailure> {
+    ) -> Result<HistoryPage, PublishFailure> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::History { user, conv, before, after, limit, reply });
         rx.await.unwrap_or(Err(PublishFailure::Unavailable))
@@ -440,37 +441,6 @@ enum Internal {
 
 /// A pending receipt: (reader, conversation partner or group, status, is it a group).
 type ReceiptKey = (UserId, String, ReceiptStatus, bool);
-
-struct CachedGroup {
-    members: Vec<String>,
-    loaded: Instant,
-}
-
-/// Group commands waiting for the group's state to be loaded, in arrival order.
-enum GroupWait {
-    Typing {
-        from: UserId,
-    },
-    Publish {
-        sender: UserId,
-        msg_id: String,
-        payload: Bytes,
-        mirrors: Vec<Mirror>,
-        reply: oneshot::Sender<Result<Stored, PublishFailure>>,
-    },
-    Check {
-        user: UserId,
-        reply: oneshot::Sender<Result<(), PublishFailure>>,
-    },
-}
-
-fn member_check(members: Option<&[String]>, user: &str) -> Result<(), PublishFailure> {
-    match members {
-        None => Err(PublishFailure::NotFound),
-        Some(m) if m.iter().any(|u| u == user) => Ok(()),
-        Some(_) => Err(PublishFailure::Forbidden),
-    }
-}
 
 async fn run(
     cfg: BridgeConfig,
@@ -785,94 +755,6 @@ async fn run(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn publish(
-    js: &jetstream::Context,
-    metrics: &Arc<Metrics>,
-    subject: String,
-    msg_id: String,
-    payload: Bytes,
-    mirrors: Vec<Mirror>,
-    push: bool,
-    reply: oneshot::Sender<Result<Stored, PublishFailure>>,
-) {
-    let started = Instant::now();
-    let mut message = PublishMessage::build().message_id(msg_id).payload(payload);
-    if push {
-        message = message.header(PUSH_HEADER, "1");
-    }
-    let fut = match js.send_publish(subject, message).await {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!(error = %e, "publish failed");
-            metrics.publish_errors.inc();
-            let _ = reply.send(Err(PublishFailure::Unavailable));
-            return;
-        }
-    };
-    let metrics = metrics.clone();
-    let js = js.clone();
-    tokio::spawn(async move {
-        let r = match fut.await {
-            Ok(ack) => {
-                metrics.publish_ack_seconds.observe(metrics.bridge_shard(), started.elapsed().as_secs_f64());
-                metrics.messages_published.inc();
-                if ack.duplicate {
-                    metrics.messages_duplicate.inc();
-                }
-                if !ack.duplicate {
-                    for m in mirrors {
-                        publish_mirror(&js, m, ack.sequence).await;
-                    }
-                }
-                Ok(Stored { seq: ack.sequence, duplicate: ack.duplicate })
-            }
-            Err(e) => {
-                metrics.publish_errors.inc();
-                tracing::warn!(error = %e, "publish not acknowledged");
-                Err(match e.kind() {
-                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound => {
-                        PublishFailure::Unavailable
-                    }
-                    _ => PublishFailure::Internal,
-                })
-            }
-        };
-        let _ = reply.send(r);
-    });
-}
-
-/// Header marking a frame on `live.<user>` that was never stored (typing).
-const EPHEMERAL_HEADER: &str = "Chat-Ephemeral";
-/// Header marking an inbox item that deserves a push notification (storage/README.md).
-use protocol::subjects::PUSH_HEADER;
-
-async fn publish_ephemeral(client: &async_nats::Client, to: &UserId, frame: String) {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(EPHEMERAL_HEADER, "1");
-    let _ = client.publish_with_headers(subjects::live(to), headers, frame.into()).await;
-}
-
-/// Stores a copy of a sent message, now that its server id is known.
-async fn publish_mirror(js: &jetstream::Context, m: Mirror, sid: u64) {
-    let item = match m.item {
-        InboxItem::Outgoing { to, dev, id, body, media, ts, .. } => {
-            InboxItem::Outgoing { to, dev, id, sid, body, media, ts }
-        }
-        InboxItem::Group { group, from, dev, id, n, body, media, ts, .. } => {
-            InboxItem::Group { group, from, dev, id, sid, n, body, media, ts }
-        }
-        other => other,
-    };
-    let message = PublishMessage::build().message_id(m.msg_id).payload(item.to_bytes().into());
-    let res = async { js.send_publish(m.subject, message).await?.await }.await;
-    if let Err(e) = res {
-        // The message itself is stored and acknowledged; only the copy (for the sender's other
-        // devices, or its history) is missing.
-        tracing::warn!(error = %e, "copy of a sent message failed");
-    }
-}
-
 fn forward_live(
     interests: &FxHashMap<UserId, Interest>,
     exec_tx: &[flume::Sender<ExecEvent>],
@@ -907,234 +789,6 @@ fn resync_all(exec_tx: &[flume::Sender<ExecEvent>]) {
     for tx in exec_tx {
         let _ = tx.send(ExecEvent::ResyncAll);
     }
-}
-
-async fn open_cursor(kv: &jetstream::kv::Store, user: &UserId, device: &DeviceId) -> anyhow::Result<u64> {
-    let key = subjects::cursor_key(user, device);
-    for _ in 0..3 {
-        if let Some(v) = kv.get(&key).await? {
-            return Ok(std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0));
-        }
-        // Register the device so that storage keeps the inbox until this device has it. A
-        // concurrent connection of the same device may create it first: then read it again.
-        if kv.create(&key, Bytes::from_static(b"0")).await.is_ok() {
-            return Ok(0);
-        }
-    }
-    anyhow::bail!("could not read or create the cursor {key}")
-}
-
-fn spawn_cursor_put(kv: &jetstream::kv::Store, metrics: &Arc<Metrics>, (user, device): (UserId, DeviceId), seq: u64) {
-    let (kv, metrics) = (kv.clone(), metrics.clone());
-    tokio::spawn(async move {
-        let key = subjects::cursor_key(&user, &device);
-        match kv.put(&key, seq.to_string().into()).await {
-            Ok(_) => {
-                metrics.cursor_writes.inc();
-            }
-            // A lost cursor write only means redelivery (deduplicated by clients) later.
-            Err(e) => tracing::warn!(error = %e, "cursor write failed"),
-        }
-    });
-}
-
-fn spawn_receipt(
-    js: &jetstream::Context,
-    metrics: &Arc<Metrics>,
-    retry: &tokio::sync::mpsc::UnboundedSender<Internal>,
-    key: ReceiptKey,
-    up_to: u64,
-) {
-    let (by, to, status, is_group) = &key;
-    let (subject, msg_id, payload) = if *is_group {
-        let ev = match status {
-            ReceiptStatus::Delivered => ReceiptEvent::Delivered { group: to.clone(), by: by.to_string(), up_to },
-            ReceiptStatus::Read => ReceiptEvent::Read { group: to.clone(), by: by.to_string(), up_to },
-        };
-        let id = format!("gr|{}|{}|{}|{}", by, to, status.as_str(), up_to);
-        (subjects::receipts(to), id, serde_json::to_vec(&ev).expect("receipt event serialises"))
-    } else {
-        let Ok(to_user) = UserId::parse(to) else { return };
-        let item = InboxItem::Receipt { from: by.to_string(), status: *status, up_to, ts: protocol::now_ms() };
-        (subjects::inbox(&to_user), ids::receipt_dedup_id(by, &to_user, status.as_str(), up_to), item.to_bytes())
-    };
-    let (js, metrics, retry) = (js.clone(), metrics.clone(), retry.clone());
-    tokio::spawn(async move {
-        let res = async {
-            js.send_publish(subject, PublishMessage::build().message_id(msg_id).payload(payload.into())).await?.await
-        }
-        .await;
-        match res {
-            Ok(_) => {
-                metrics.receipts_published.inc();
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "receipt publish failed; will retry");
-                let _ = retry.send(Internal::RetryReceipt(key, up_to));
-            }
-        }
-    });
-}
-
-/// Runs a group command now if the group's membership is cached and fresh, otherwise queues it
-/// behind a load of the group's state (one load per group at a time). Commands of one group run
-/// in arrival order either way, so a connection's group messages keep their order.
-#[allow(clippy::too_many_arguments)]
-async fn group_command(
-    js: &jetstream::Context,
-    client: &async_nats::Client,
-    metrics: &Arc<Metrics>,
-    kv: &jetstream::kv::Store,
-    int_tx: &tokio::sync::mpsc::UnboundedSender<Internal>,
-    groups: &mut FxHashMap<String, CachedGroup>,
-    waits: &mut FxHashMap<String, Vec<GroupWait>>,
-    gid: String,
-    wait: GroupWait,
-) {
-    if let Some(queue) = waits.get_mut(&gid) {
-        queue.push(wait);
-        return;
-    }
-    if let Some(g) = groups.get(&gid).filter(|g| g.loaded.elapsed() < GROUP_CACHE_TTL) {
-        run_group_wait(js, client, metrics, &gid, Ok(Some(&g.members)), wait).await;
-        return;
-    }
-    waits.insert(gid.clone(), vec![wait]);
-    let (kv, int_tx) = (kv.clone(), int_tx.clone());
-    tokio::spawn(async move {
-        let res = match kv.get(&gid).await {
-            Ok(None) => Ok(None),
-            Ok(Some(v)) => match serde_json::from_slice::<GroupState>(&v) {
-                Ok(s) => Ok(Some(s)),
-                Err(e) => {
-                    tracing::warn!(error = %e, group = %gid, "unreadable group state");
-                    Err(())
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "group state read failed");
-                Err(())
-            }
-        };
-        let _ = int_tx.send(Internal::GroupLoaded(gid, res));
-    });
-}
-
-fn cache_group(groups: &mut FxHashMap<String, CachedGroup>, gid: String, members: Vec<String>) {
-    if groups.len() >= GROUP_CACHE_MAX && !groups.contains_key(&gid) {
-        // Evict stale entries first; if none, an arbitrary one (it is reloaded on demand).
-        groups.retain(|_, g| g.loaded.elapsed() < GROUP_CACHE_TTL);
-        if groups.len() >= GROUP_CACHE_MAX {
-            if let Some(k) = groups.keys().next().cloned() {
-                groups.remove(&k);
-            }
-        }
-    }
-    groups.insert(gid, CachedGroup { members, loaded: Instant::now() });
-}
-
-/// Follows KV `groups` (new changes only), forever, so cached memberships change when the
-/// router changes them rather than when the cache entry expires.
-fn spawn_group_watch(kv: jetstream::kv::Store, int_tx: tokio::sync::mpsc::UnboundedSender<Internal>) {
-    tokio::spawn(async move {
-        loop {
-            match kv.watch(">").await {
-                Ok(mut changes) => {
-                    while let Some(change) = changes.next().await {
-                        let Ok(entry) = change else { break };
-                        let state = match entry.operation {
-                            jetstream::kv::Operation::Put => serde_json::from_slice::<GroupState>(&entry.value).ok(),
-                            _ => None,
-                        };
-                        if int_tx.send(Internal::GroupUpdated(entry.key, state)).is_err() {
-                            return;
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "group watch failed; retrying"),
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
-}
-
-/// Reads a user's settings, after changing its history retention when asked.
-async fn settings(
-    kv: &jetstream::kv::Store,
-    user: &UserId,
-    history_days: Option<u32>,
-) -> Result<UserSettings, PublishFailure> {
-    let unavailable = |e: &dyn std::fmt::Display| {
-        tracing::warn!(error = %e, "settings unavailable");
-        PublishFailure::Unavailable
-    };
-    if let Some(days) = history_days {
-        let s = UserSettings { history_days: days };
-        let v = serde_json::to_vec(&s).expect("settings serialise");
-        kv.put(user.as_str(), v.into()).await.map_err(|e| unavailable(&e))?;
-        return Ok(s);
-    }
-    match kv.get(user.as_str()).await.map_err(|e| unavailable(&e))? {
-        Some(v) => Ok(serde_json::from_slice(&v).unwrap_or_default()),
-        None => Ok(UserSettings::default()),
-    }
-}
-
-/// Runs a group command against the group's members (`Ok(None)`: no such group).
-async fn run_group_wait(
-    js: &jetstream::Context,
-    client: &async_nats::Client,
-    metrics: &Arc<Metrics>,
-    gid: &str,
-    members: Result<Option<&[String]>, PublishFailure>,
-    wait: GroupWait,
-) {
-    let verdict = |user: &str| members.and_then(|m| member_check(m, user));
-    match wait {
-        GroupWait::Publish { sender, msg_id, payload, mirrors, reply } => match verdict(sender.as_str()) {
-            Ok(()) => publish(js, metrics, format!("group.{gid}"), msg_id, payload, mirrors, false, reply).await,
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-        },
-        GroupWait::Check { user, reply } => {
-            let _ = reply.send(verdict(user.as_str()));
-        }
-        GroupWait::Typing { from } => {
-            if verdict(from.as_str()).is_err() {
-                return;
-            }
-            metrics.typing_events.inc();
-            let frame = ServerFrame::Typing { from: from.as_str(), group: Some(gid) }.to_json();
-            for m in members.ok().flatten().unwrap_or_default() {
-                if m != from.as_str() {
-                    if let Ok(to) = UserId::parse(m) {
-                        publish_ephemeral(client, &to, frame.clone()).await;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A JSON request to one of the services (router, storage) over core NATS.
-async fn request_json<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
-    client: &async_nats::Client,
-    subject: &str,
-    req: &Q,
-) -> Result<R, PublishFailure> {
-    let body = serde_json::to_vec(req).map_err(|_| PublishFailure::Internal)?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(subject.to_owned(), body.into()))
-        .await
-        .map_err(|_| PublishFailure::Unavailable)?
-        .map_err(|e| {
-            tracing::warn!(error = %e, subject, "service request failed");
-            PublishFailure::Unavailable
-        })?;
-    serde_json::from_slice(&resp.payload).map_err(|e| {
-        tracing::warn!(error = %e, subject, "unreadable service reply");
-        PublishFailure::Internal
-    })
 }
 
 impl Bridge {
