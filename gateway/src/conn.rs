@@ -483,7 +483,12 @@ impl Session {
             }
             // tungstenite answers pings itself; pongs and raw frames need nothing.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return self.flush().await,
-            Message::Close(_) => return Err("client_closed"),
+            Message::Close(_) => {
+                // tungstenite queues the reply to a Close; flushing sends it (RFC 6455 §5.5.1:
+                // the receiver answers with a Close before the connection ends).
+                let _ = self.ws.flush().await;
+                return Err("client_closed");
+            }
         };
         let frame = match decode_client_frame(text.as_bytes(), &self.ctx.limits) {
             Ok(f) => f,

@@ -662,4 +662,35 @@ mod tests {
         }
         let _ = decode_client_frame(&[0xff, 0xfe], &Limits::default());
     }
+
+    /// Inputs the fuzz targets (fuzz/, scripts/fuzz.sh) and the hostile-client system tests
+    /// exercise, pinned: what the decoder answers, and that it answers without panicking or
+    /// overflowing the stack.
+    #[test]
+    fn hostile_inputs_from_fuzzing() {
+        let code = |s: &[u8]| decode_client_frame(s, &Limits::default()).unwrap_err().code;
+        // Valid JSON that is not an object (the first fuzz findings: "\n0", "\n\n2\n") is bad_json.
+        for s in ["\n0", "\n\n2\n", "[]", "\"s\"", "null", "true", " [{\"t\":\"ping\"}]"] {
+            assert_eq!(code(s.as_bytes()), ErrorCode::BadJson, "{s:?}");
+        }
+        // Not JSON: trailing bytes, a form feed (ASCII whitespace, not JSON whitespace).
+        assert_eq!(code(br#"{"t":"ping"} x"#), ErrorCode::BadJson);
+        assert_eq!(code(b"\x0c{\"t\":\"ping\"}"), ErrorCode::BadJson);
+        // Deep nesting hits serde_json's recursion limit, not the stack.
+        let deep = format!("{{\"t\":\"send\",\"body\":{}}}", "[".repeat(100_000));
+        assert_eq!(code(deep.as_bytes()), ErrorCode::BadJson);
+        // A `t` of the wrong type, a duplicate tag.
+        assert_eq!(code(br#"{"t":7}"#), ErrorCode::BadField);
+        assert_eq!(code(br#"{"t":"ping","t":"ack"}"#), ErrorCode::BadField);
+        // Huge ids are refused without being echoed back.
+        let huge = format!(r#"{{"t":"send","id":"{}","to":"bob","body":"b"}}"#, "i".repeat(100_000));
+        let e = dec(&huge).unwrap_err();
+        assert_eq!((e.code, e.id.as_deref()), (ErrorCode::BadField, None));
+        assert!(e.msg.len() < 256, "{}", e.msg);
+        let e = dec(&format!(r#"{{"t":"explode","id":"{}"}}"#, "j".repeat(129))).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::UnknownType, None));
+        // Numbers out of range.
+        assert_eq!(code(br#"{"t":"ack","seq":18446744073709551616}"#), ErrorCode::BadField);
+        assert_eq!(code(br#"{"t":"ack","seq":1e400}"#), ErrorCode::BadJson);
+    }
 }
