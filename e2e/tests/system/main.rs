@@ -13,6 +13,7 @@ mod conversations;
 mod delivery;
 mod devices;
 mod drain;
+mod expiry;
 mod group_crash;
 mod group_kit;
 mod group_receipts;
