@@ -1,0 +1,331 @@
+//! One client connection: TCP from a chosen loopback source address, the authenticated WebSocket
+//! upgrade, the `hello`/`synced` opening, and decoding of server frames.
+
+use std::borrow::Cow;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// Gateway WebSocket URL options shared by the scenarios that talk to gateways.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// Gateway WebSocket URL; repeat to spread connections over several gateways (round-robin).
+    #[arg(long = "url", default_value = "ws://127.0.0.1:8080/ws")]
+    pub urls: Vec<String>,
+    /// HS256 token secret (same as the gateway's JWT_SECRET); tokens are minted locally. Prefer
+    /// the environment variable: the value is redacted from recorded command lines anyway.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// First loopback source address; client sockets bind to consecutive addresses from here so
+    /// that each (source, destination) pair has its own ephemeral port range.
+    #[arg(long, default_value = "127.0.1.1")]
+    pub source_ip_base: Ipv4Addr,
+    /// How many source addresses to use (0: no bind, the kernel picks 127.0.0.1).
+    #[arg(long, default_value_t = 32)]
+    pub source_ips: u32,
+    /// The gateway's Prometheus endpoint(s) (e.g. http://127.0.0.1:9101/metrics), read before and
+    /// after the run; repeat for several gateways.
+    #[arg(long = "metrics-url")]
+    pub metrics_urls: Vec<String>,
+}
+
+/// A resolved gateway URL.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: String,
+    pub addr: SocketAddr,
+}
+
+pub async fn resolve(url: &str) -> anyhow::Result<Target> {
+    let rest = url.strip_prefix("ws://").ok_or_else(|| anyhow!("only ws:// URLs are supported: {url}"))?;
+    let hostport = rest.split(['/', '?']).next().unwrap_or(rest);
+    let addr = tokio::net::lookup_host(hostport)
+        .await
+        .with_context(|| format!("resolving {hostport}"))?
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(|| anyhow!("{hostport} has no IPv4 address"))?;
+    Ok(Target { url: url.to_owned(), addr })
+}
+
+pub async fn resolve_all(urls: &[String]) -> anyhow::Result<Vec<Target>> {
+    let mut v = Vec::new();
+    for u in urls {
+        v.push(resolve(u).await?);
+    }
+    if v.is_empty() {
+        anyhow::bail!("no gateway URL given");
+    }
+    Ok(v)
+}
+
+/// Small buffers: most load-test connections are idle, and thousands of them share the machine
+/// with the system under test.
+pub fn ws_config(read_buffer: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(read_buffer)
+        .write_buffer_size(0)
+        .max_write_buffer_size(1 << 20)
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20))
+}
+
+/// Why a connection attempt failed: a short `cause` (grouped in reports) and the detail.
+#[derive(Debug, Clone)]
+pub struct Fail {
+    pub cause: String,
+    pub detail: String,
+}
+
+impl Fail {
+    pub fn new(cause: impl Into<String>, detail: impl Into<String>) -> Self {
+        Fail { cause: cause.into(), detail: detail.into() }
+    }
+}
+
+fn io_cause(stage: &str, e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) {
+        return "fd_limit".into();
+    }
+    let k = match e.kind() {
+        K::ConnectionRefused => "refused",
+        K::ConnectionReset => "reset",
+        K::TimedOut => "timeout",
+        K::AddrInUse => "addr_in_use",
+        K::AddrNotAvailable => "addr_not_available",
+        K::BrokenPipe => "broken_pipe",
+        K::UnexpectedEof => "eof",
+        _ => "io_error",
+    };
+    format!("{stage}_{k}")
+}
+
+/// Time spent in each step of the opening, microseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// TCP connect.
+    pub tcp_us: u64,
+    /// TCP connect through the `101 Switching Protocols` response.
+    pub upgrade_us: u64,
+    /// Through the `hello` frame.
+    pub hello_us: u64,
+    /// Through `synced` (the inbox is drained; the session is live).
+    pub synced_us: u64,
+}
+
+pub struct Opened {
+    pub ws: Ws,
+    pub timings: Timings,
+    pub heartbeat_ms: u64,
+    /// Frames received during the opening other than hello/synced (inbox items of a reused user).
+    pub early: Vec<String>,
+}
+
+/// Connects, upgrades with `Authorization: Bearer <token>`, and waits for `hello` and `synced`.
+/// The whole opening is bounded by `timeout`.
+pub async fn open(
+    target: &Target,
+    token: &str,
+    source: Option<Ipv4Addr>,
+    config: WebSocketConfig,
+    timeout: Duration,
+) -> Result<Opened, Fail> {
+    let started = Instant::now();
+    match tokio::time::timeout(timeout, open_inner(target, token, source, config, started)).await {
+        Ok(r) => r,
+        Err(_) => Err(Fail::new("timeout", format!("opening took over {timeout:?}"))),
+    }
+}
+
+async fn open_inner(
+    target: &Target,
+    token: &str,
+    source: Option<Ipv4Addr>,
+    config: WebSocketConfig,
+    started: Instant,
+) -> Result<Opened, Fail> {
+    let mut t = Timings::default();
+    let sock = TcpSocket::new_v4().map_err(|e| Fail::new(io_cause("socket", &e), e.to_string()))?;
+    if let Some(ip) = source {
+        // Choose the port at connect() time, per destination, not at bind() time: otherwise
+        // every bound socket takes a port of the source address for every destination.
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a correctly sized int option.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        sock.bind(SocketAddr::V4(SocketAddrV4::new(ip, 0)))
+            .map_err(|e| Fail::new(io_cause("bind", &e), format!("{ip}: {e}")))?;
+    }
+    let stream = sock.connect(target.addr).await.map_err(|e| Fail::new(io_cause("tcp", &e), e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    t.tcp_us = started.elapsed().as_micros() as u64;
+
+    let mut req = target.url.as_str().into_client_request().map_err(|e| Fail::new("bad_url", e.to_string()))?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().map_err(|_| Fail::new("bad_token", "token is not a valid header value"))?,
+    );
+    let (mut ws, _resp) =
+        tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await.map_err(|e| upgrade_fail(&e))?;
+    t.upgrade_us = started.elapsed().as_micros() as u64;
+
+    let mut heartbeat_ms = 30_000;
+    let mut early = Vec::new();
+    loop {
+        let msg = match ws.next().await {
+            None => return Err(Fail::new("closed_before_synced", "stream ended")),
+            Some(Err(e)) => return Err(ws_fail("opening", &e)),
+            Some(Ok(m)) => m,
+        };
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Close(f) => {
+                let code = f.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005);
+                let reason = f.map(|f| f.reason.to_string()).unwrap_or_default();
+                return Err(Fail::new(format!("closed_{code}"), reason));
+            }
+            _ => continue,
+        };
+        let f = Frame::parse(text.as_str()).map_err(|e| Fail::new("bad_frame", format!("{e}: {}", text.as_str())))?;
+        match &*f.t {
+            "hello" => {
+                t.hello_us = started.elapsed().as_micros() as u64;
+                heartbeat_ms = f.heartbeat_ms.unwrap_or(heartbeat_ms);
+            }
+            "synced" => {
+                t.synced_us = started.elapsed().as_micros() as u64;
+                return Ok(Opened { ws, timings: t, heartbeat_ms, early });
+            }
+            "error" => {
+                return Err(Fail::new(
+                    format!("error_{}", f.code.as_deref().unwrap_or("unknown")),
+                    f.msg.as_deref().unwrap_or("").to_owned(),
+                ))
+            }
+            _ => early.push(text.as_str().to_owned()),
+        }
+    }
+}
+
+fn upgrade_fail(e: &WsError) -> Fail {
+    match e {
+        WsError::Http(resp) => {
+            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).trim().to_owned()).unwrap_or_default();
+            Fail::new(format!("http_{}", resp.status().as_u16()), body)
+        }
+        other => ws_fail("upgrade", other),
+    }
+}
+
+/// Classifies a WebSocket error during stage `stage`.
+pub fn ws_fail(stage: &str, e: &WsError) -> Fail {
+    let cause = match e {
+        WsError::Io(io) => io_cause(stage, io),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => format!("{stage}_closed"),
+        WsError::Protocol(_) => format!("{stage}_protocol"),
+        WsError::Capacity(_) => format!("{stage}_capacity"),
+        WsError::Http(r) => format!("http_{}", r.status().as_u16()),
+        _ => format!("{stage}_error"),
+    };
+    Fail::new(cause, e.to_string())
+}
+
+/// A server frame, decoded leniently into the union of the fields loadgen needs. Unknown frame
+/// types and fields are ignored, like the protocol asks of clients.
+#[allow(dead_code)] // Decoded for completeness and debugging; not every field is used.
+#[derive(Debug, Deserialize)]
+pub struct Frame<'a> {
+    #[serde(borrow)]
+    pub t: Cow<'a, str>,
+    #[serde(default)]
+    pub seq: Option<u64>,
+    #[serde(default)]
+    pub sid: Option<u64>,
+    #[serde(default, borrow)]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub dup: Option<bool>,
+    #[serde(default)]
+    pub heartbeat_ms: Option<u64>,
+    #[serde(default, borrow)]
+    pub code: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub msg: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub reason: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub m: Option<Item<'a>>,
+}
+
+/// The stored item inside a `msg` frame.
+#[allow(dead_code)]
+#[derive(Debug, Deserialize)]
+pub struct Item<'a> {
+    #[serde(borrow)]
+    pub k: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub from: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub body: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub ts: Option<u64>,
+    #[serde(default)]
+    pub up_to: Option<u64>,
+}
+
+impl<'a> Frame<'a> {
+    pub fn parse(s: &'a str) -> Result<Frame<'a>, serde_json::Error> {
+        serde_json::from_str(s)
+    }
+}
+
+pub const PING: &str = r#"{"t":"ping"}"#;
+
+pub fn ack_frame(seq: u64) -> String {
+    format!(r#"{{"t":"ack","seq":{seq}}}"#)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_server_frames() {
+        let f = Frame::parse(r#"{"t":"sent","id":"7-123","sid":43,"ts":1,"dup":false}"#).unwrap();
+        assert_eq!((&*f.t, f.sid, f.id.as_deref()), ("sent", Some(43), Some("7-123")));
+        let f = Frame::parse(
+            r#"{"t":"msg","seq":44,"m":{"k":"chat","from":"a-1","dev":"lg","id":"1-2","body":"1 2 xx","ts":5,"extra":[1]}}"#,
+        )
+        .unwrap();
+        let m = f.m.unwrap();
+        assert_eq!((&*m.k, m.from.as_deref(), m.body.as_deref()), ("chat", Some("a-1"), Some("1 2 xx")));
+        let f = Frame::parse(
+            r#"{"t":"msg","seq":45,"m":{"k":"receipt","from":"b","status":"delivered","up_to":43,"ts":9}}"#,
+        )
+        .unwrap();
+        assert_eq!(f.m.unwrap().up_to, Some(43));
+        let f = Frame::parse(r#"{"t":"error","code":"bad_json","msg":"x \"y\""}"#).unwrap();
+        assert_eq!(f.msg.as_deref(), Some("x \"y\""));
+        assert!(Frame::parse(r#"{"t":"future","whatever":{"a":1}}"#).is_ok());
+    }
+}

@@ -1,0 +1,312 @@
+//! The delivery ledger of a chat run. Every sender numbers its messages 0, 1, 2… and writes the
+//! number into the body; the `sent` tick comes back with the client id, which encodes the same
+//! number. After the run the ledger checks that every message acknowledged as `sent` reached its
+//! recipient exactly once, in per-sender order, and nowhere else.
+//!
+//! Nothing is shared while the run is hot: each connection keeps its own records, and the check
+//! joins them at the end.
+
+use fxhash::FxHashMap;
+use serde::Serialize;
+
+/// What the sender knows about its message `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SendStatus {
+    /// Issued, never answered.
+    Unanswered = 0,
+    /// Answered by `sent`.
+    Sent = 1,
+    /// Answered by `error`.
+    Failed = 2,
+}
+
+/// The sender side of one connection: the answer to each of its messages.
+#[derive(Default)]
+pub struct SenderBook {
+    status: Vec<u8>,
+    /// `sent` ticks for a message that already had one.
+    pub repeated_ticks: u64,
+    /// `sent` ticks with `dup: true` (the backbone saw the id before; loadgen never retries).
+    pub dup_flagged: u64,
+    /// Ticks or errors naming a message this sender never issued.
+    pub unknown_ids: u64,
+}
+
+impl SenderBook {
+    fn slot(&mut self, seq: u64) -> &mut u8 {
+        let i = seq as usize;
+        if i >= self.status.len() {
+            self.status.resize(i + 1, SendStatus::Unanswered as u8);
+        }
+        &mut self.status[i]
+    }
+
+    pub fn sent(&mut self, seq: u64, dup: bool) {
+        if dup {
+            self.dup_flagged += 1;
+        }
+        let s = self.slot(seq);
+        let repeated = *s == SendStatus::Sent as u8;
+        *s = SendStatus::Sent as u8;
+        if repeated {
+            self.repeated_ticks += 1;
+        }
+    }
+
+    pub fn failed(&mut self, seq: u64) {
+        let s = self.slot(seq);
+        if *s != SendStatus::Sent as u8 {
+            *s = SendStatus::Failed as u8;
+        }
+    }
+
+    pub fn status(&self, seq: u64) -> SendStatus {
+        match self.status.get(seq as usize) {
+            Some(1) => SendStatus::Sent,
+            Some(2) => SendStatus::Failed,
+            _ => SendStatus::Unanswered,
+        }
+    }
+}
+
+#[derive(Default)]
+struct FromSender {
+    /// Deliveries of each sender sequence number (saturating).
+    counts: Vec<u8>,
+    /// Highest sender sequence delivered so far (for order).
+    max_seq: Option<u64>,
+}
+
+/// The receiver side of one connection: what arrived, from whom.
+#[derive(Default)]
+pub struct ReceiverBook {
+    from: FxHashMap<u32, FromSender>,
+    /// A message arrived after a later message of the same sender.
+    pub reordered: u64,
+    /// Inbox items whose `seq` was not above the previous item's (the same item delivered
+    /// again, or inbox order broken). These are not entered a second time.
+    pub seq_regressions: u64,
+    last_inbox_seq: u64,
+    /// Chat items whose sender or body loadgen could not read.
+    pub unreadable: u64,
+}
+
+/// What a delivery was, for the caller's live counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    First,
+    Duplicate,
+}
+
+impl ReceiverBook {
+    /// Records the inbox sequence of any item (chat or receipt); false when it did not advance.
+    pub fn inbox_seq(&mut self, seq: u64) -> bool {
+        if seq <= self.last_inbox_seq {
+            self.seq_regressions += 1;
+            return false;
+        }
+        self.last_inbox_seq = seq;
+        true
+    }
+
+    /// Records chat message `seq` of `sender` (call after [`Self::inbox_seq`] said it advanced).
+    pub fn chat(&mut self, sender: u32, seq: u64) -> Arrival {
+        let f = self.from.entry(sender).or_default();
+        let i = seq as usize;
+        if i >= f.counts.len() {
+            f.counts.resize(i + 1, 0);
+        }
+        let c = &mut f.counts[i];
+        *c = c.saturating_add(1);
+        if *c > 1 {
+            return Arrival::Duplicate;
+        }
+        match f.max_seq {
+            Some(m) if seq < m => self.reordered += 1,
+            _ => f.max_seq = Some(seq),
+        }
+        Arrival::First
+    }
+
+    pub fn count(&self, sender: u32, seq: u64) -> u32 {
+        self.from.get(&sender).and_then(|f| f.counts.get(seq as usize)).copied().unwrap_or(0) as u32
+    }
+}
+
+/// The verdict.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Check {
+    /// Messages issued by senders.
+    pub issued: u64,
+    /// Answered by `sent`.
+    pub acknowledged: u64,
+    /// Answered by `error`.
+    pub failed: u64,
+    /// Never answered (neither `sent` nor `error`) by the end of the grace period.
+    pub unanswered: u64,
+    /// Acknowledged messages delivered exactly once to their recipient.
+    pub delivered_once: u64,
+    /// Acknowledged but never delivered. A violation.
+    pub lost: u64,
+    /// Extra deliveries of a message under a new inbox sequence (stored twice). A violation.
+    pub duplicates: u64,
+    /// Deliveries out of per-sender order. A violation.
+    pub reordered: u64,
+    /// Inbox items re-sent with a sequence not above the last one. A violation (no client
+    /// reconnects during a run, so the protocol allows none).
+    pub seq_regressions: u64,
+    /// Delivered to a user who was not the recipient. A violation.
+    pub misdelivered: u64,
+    /// Delivered but never issued by that sender. A violation.
+    pub phantom: u64,
+    /// Messages without a `sent` tick that were delivered anyway (allowed: at-least-once store
+    /// after an unconfirmed publish).
+    pub delivered_unacknowledged: u64,
+    /// Duplicate or unsolicited `sent` ticks.
+    pub repeated_ticks: u64,
+    pub dup_flagged_ticks: u64,
+    pub unknown_ids: u64,
+    /// Chat items loadgen could not read.
+    pub unreadable: u64,
+}
+
+impl Check {
+    pub fn violations(&self) -> u64 {
+        self.lost
+            + self.duplicates
+            + self.reordered
+            + self.seq_regressions
+            + self.misdelivered
+            + self.phantom
+            + self.unreadable
+    }
+}
+
+/// Joins the books. `issued[s]` is how many messages sender `s` issued; `target(s, seq)` is the
+/// recipient of message `seq` of `s`.
+pub fn check(
+    issued: &[u64],
+    senders: &[SenderBook],
+    receivers: &[ReceiverBook],
+    target: impl Fn(usize, u64) -> usize,
+) -> Check {
+    let mut c = Check::default();
+    for (s, book) in senders.iter().enumerate() {
+        c.repeated_ticks += book.repeated_ticks;
+        c.dup_flagged_ticks += book.dup_flagged;
+        c.unknown_ids += book.unknown_ids;
+        for seq in 0..issued[s] {
+            c.issued += 1;
+            let n = receivers[target(s, seq)].count(s as u32, seq);
+            if n > 1 {
+                c.duplicates += (n - 1) as u64;
+            }
+            match book.status(seq) {
+                SendStatus::Sent => {
+                    c.acknowledged += 1;
+                    match n {
+                        0 => c.lost += 1,
+                        1 => c.delivered_once += 1,
+                        _ => {}
+                    }
+                }
+                SendStatus::Failed => {
+                    c.failed += 1;
+                    if n > 0 {
+                        c.delivered_unacknowledged += 1;
+                    }
+                }
+                SendStatus::Unanswered => {
+                    c.unanswered += 1;
+                    if n > 0 {
+                        c.delivered_unacknowledged += 1;
+                    }
+                }
+            }
+        }
+    }
+    for (r, book) in receivers.iter().enumerate() {
+        c.reordered += book.reordered;
+        c.seq_regressions += book.seq_regressions;
+        c.unreadable += book.unreadable;
+        for (&s, f) in &book.from {
+            for (seq, &n) in f.counts.iter().enumerate() {
+                if n == 0 {
+                    continue;
+                }
+                let seq = seq as u64;
+                let s = s as usize;
+                if s >= issued.len() || seq >= issued[s] {
+                    c.phantom += n as u64;
+                } else if target(s, seq) != r {
+                    c.misdelivered += n as u64;
+                }
+            }
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_run_passes() {
+        // Two users, pairs: 0 -> 1, 1 -> 0.
+        let mut senders = vec![SenderBook::default(), SenderBook::default()];
+        let mut receivers = vec![ReceiverBook::default(), ReceiverBook::default()];
+        let mut inbox = [0u64; 2];
+        for s in 0..2usize {
+            for seq in 0..5 {
+                senders[s].sent(seq, false);
+                let r = 1 - s;
+                inbox[r] += 1;
+                assert!(receivers[r].inbox_seq(inbox[r]));
+                assert_eq!(receivers[r].chat(s as u32, seq), Arrival::First);
+            }
+        }
+        let c = check(&[5, 5], &senders, &receivers, |s, _| 1 - s);
+        assert_eq!(c.violations(), 0, "{c:?}");
+        assert_eq!(c.delivered_once, 10);
+    }
+
+    #[test]
+    fn finds_loss_duplicates_order_and_misdelivery() {
+        let mut senders = vec![SenderBook::default(), SenderBook::default()];
+        let mut receivers = vec![ReceiverBook::default(), ReceiverBook::default()];
+        for seq in 0..4 {
+            senders[0].sent(seq, false);
+        }
+        senders[0].failed(4);
+        let r = &mut receivers[1];
+        let mut n = 0;
+        let mut deliver = |r: &mut ReceiverBook, seq| {
+            n += 1;
+            r.inbox_seq(n);
+            r.chat(0, seq)
+        };
+        deliver(r, 0);
+        deliver(r, 2);
+        deliver(r, 1); // reordered
+        assert_eq!(deliver(r, 2), Arrival::Duplicate);
+        deliver(r, 4); // failed but delivered: allowed
+        assert!(!r.inbox_seq(3)); // regression
+                                  // seq 3 lost; receiver 0 gets a phantom from sender 0 (seq 9) and a misdelivery (seq 0).
+        receivers[0].inbox_seq(1);
+        receivers[0].chat(0, 0);
+        receivers[0].inbox_seq(2);
+        receivers[0].chat(0, 9);
+        let c = check(&[5, 0], &senders, &receivers, |s, _| 1 - s);
+        assert_eq!(c.lost, 1);
+        assert_eq!(c.duplicates, 1);
+        assert_eq!(c.reordered, 1);
+        assert_eq!(c.seq_regressions, 1);
+        assert_eq!(c.phantom, 1);
+        assert_eq!(c.misdelivered, 1);
+        assert_eq!(c.failed, 1);
+        assert_eq!(c.delivered_unacknowledged, 1);
+        assert_eq!(c.delivered_once, 2);
+    }
+}
