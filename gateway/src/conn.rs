@@ -145,6 +145,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         history_days: 0,
         messages: RateLimit::per_sec(ctx.cfg.messages_per_sec),
         ops: RateLimit::per_sec(ctx.cfg.ops_per_sec),
+        send_chain: None,
     };
     let reason = session.run(upgrade.since.unwrap_or(0)).await;
     for u in std::mem::take(&mut session.watching) {
@@ -223,6 +224,8 @@ struct Session {
     history_days: u32,
     messages: RateLimit,
     ops: RateLimit,
+    /// Completion of this connection's last send (true when stored), for [`Session::send_in_order`].
+    send_chain: Option<futures::channel::oneshot::Receiver<bool>>,
 }
 
 /// Why a session ended, as a metrics label; the close frame (if any) was already sent.
@@ -535,12 +538,10 @@ impl Session {
                     ts,
                 };
                 let msg_id = ids::direct_msg_dedup_id(&self.user, &self.device, &id);
-                // The command is queued now, in frame order: a connection's publishes reach
-                // JetStream in the order sent, and the `sent` answers go back in that order.
-                let rx =
-                    self.ctx.bridge.publish_cmd(subjects::inbox(&to), msg_id, item.to_bytes().into(), mirrors, true);
-                self.wait(pending, async move {
-                    Reply::Sent(id.to_string(), rx.await.unwrap_or(Err(PublishFailure::Unavailable)))
+                let bridge = self.ctx.bridge.clone();
+                let payload = item.to_bytes().into();
+                self.send_in_order(pending, id, move || {
+                    bridge.publish_cmd(subjects::inbox(&to), msg_id, payload, mirrors, true)
                 });
                 Ok(())
             }
@@ -569,9 +570,10 @@ impl Session {
                 };
                 let payload = serde_json::to_vec(&entry).expect("group entry serialises");
                 let msg_id = ids::group_msg_dedup_id(&self.user, &self.device, &id);
-                let rx = self.ctx.bridge.group_publish_cmd(group, self.user.clone(), msg_id, payload.into(), mirrors);
-                self.wait(pending, async move {
-                    Reply::Sent(id.to_string(), rx.await.unwrap_or(Err(PublishFailure::Unavailable)))
+                let bridge = self.ctx.bridge.clone();
+                let sender = self.user.clone();
+                self.send_in_order(pending, id, move || {
+                    bridge.group_publish_cmd(group, sender, msg_id, payload.into(), mirrors)
                 });
                 Ok(())
             }
@@ -686,6 +688,32 @@ impl Session {
                 b.group_receipt(self.user.clone(), group, ReceiptStatus::Delivered, up_to);
             }
         }
+    }
+
+    /// Queues a send so that a connection's messages are stored strictly in the order it sent
+    /// them: each publish is issued only once the previous send of this connection is stored,
+    /// and when one fails for want of the backbone, every send queued behind it fails too (the
+    /// client retries them, in order, with the same ids). Without this barrier, a publish lost
+    /// in a NATS reconnect could be retried after later ones that async-nats buffered and
+    /// delivered — a reordering.
+    fn send_in_order<F>(&mut self, pending: &mut Pending, id: ClientMsgId, issue: F)
+    where
+        F: FnOnce() -> futures::channel::oneshot::Receiver<Result<Stored, PublishFailure>> + 'static,
+    {
+        let (done, done_rx) = futures::channel::oneshot::channel::<bool>();
+        let previous = self.send_chain.replace(done_rx);
+        self.wait(pending, async move {
+            if let Some(previous) = previous {
+                if !previous.await.unwrap_or(false) {
+                    let _ = done.send(false);
+                    return Reply::Sent(id.to_string(), Err(PublishFailure::Unavailable));
+                }
+            }
+            let res = issue().await.unwrap_or(Err(PublishFailure::Unavailable));
+            let stored = !matches!(res, Err(PublishFailure::Unavailable) | Err(PublishFailure::Internal));
+            let _ = done.send(stored);
+            Reply::Sent(id.to_string(), res)
+        });
     }
 
     fn wait(&self, pending: &mut Pending, fut: impl std::future::Future<Output = Reply> + 'static) {
