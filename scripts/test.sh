@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: installs what is missing, builds the service binaries, runs the
-# interop/browser suite and the Prometheus check (scripts/interop-test.sh,
-# scripts/prometheus-check.sh; SKIP_EXTERNAL_SUITES=1 skips them), then every test of the
+# interop/browser suite, the Prometheus check and the CI-sized fault suite
+# (scripts/interop-test.sh, scripts/prometheus-check.sh, scripts/faults-quick.sh;
+# SKIP_EXTERNAL_SUITES=1 skips them), then every test of the
 # workspace. Extra arguments go to the test runner (e.g. `scripts/test.sh -E 'test(retry)'` with
 # nextest). The exit code is non-zero if anything failed.
 set -euo pipefail
@@ -20,6 +21,7 @@ failed=0
 if [[ "${SKIP_EXTERNAL_SUITES:-0}" != 1 ]]; then
     scripts/interop-test.sh || { echo "interop suite FAILED" >&2; failed=1; }
     PROM_CHECK_SKIP_BUILD=1 scripts/prometheus-check.sh || { echo "prometheus check FAILED" >&2; failed=1; }
+    scripts/faults-quick.sh --debug --skip-build || { echo "fault suite (quick) FAILED" >&2; failed=1; }
 fi
 
 status=0
