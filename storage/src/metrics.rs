@@ -18,6 +18,7 @@ pub struct Metrics {
     pub watch_restarts: Counter,
     pub purges: Counter,
     pub history_copies: Counter,
+    pub push_consumer_pending: Gauge,
     pub purged_messages: Counter,
     pub expired_undelivered: Counter,
     pub purge_errors: Counter,
@@ -55,6 +56,7 @@ impl Metrics {
             watch_restarts: Counter::default(),
             purges: Counter::default(),
             history_copies: Counter::default(),
+            push_consumer_pending: Gauge::default(),
             purged_messages: Counter::default(),
             expired_undelivered: Counter::default(),
             purge_errors: Counter::default(),
@@ -97,6 +99,11 @@ impl Metrics {
             m.watch_restarts.clone(),
         );
         r.register("storage_purges", "Inbox purges of acknowledged messages that succeeded", m.purges.clone());
+        r.register(
+            "storage_push_consumer_pending",
+            "INBOX items not yet read by the push-notifier consumer (its lag)",
+            m.push_consumer_pending.clone(),
+        );
         r.register(
             "storage_purged_messages",
             "Inbox messages removed because every device of their user acknowledged them",

@@ -38,6 +38,9 @@ pub async fn run(js: jetstream::Context, metrics: Metrics) {
                     counted = settled;
                 }
                 last_diff = diff;
+                if let Ok(c) = inbox.consumer_info(crate::notifier::CONSUMER).await {
+                    metrics.push_consumer_pending.set(clamp(c.num_pending));
+                }
             }
             // Expected while NATS restarts; the next tick retries.
             Err(e) => tracing::debug!(error = %e, "INBOX stream info failed"),
