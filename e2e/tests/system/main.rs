@@ -24,6 +24,7 @@ mod hostile;
 mod malformed;
 mod media;
 mod presence;
+mod push;
 mod receipts;
 mod restart;
 mod retention;
