@@ -28,7 +28,7 @@
 #                      killed -9 as post K's fan-out begins, and restarted 2 s later.
 #   cluster-node-kill  3 nats-servers (cluster on loopback), storage --replicas 3, services given
 #                      all three URLs; loadgen chat; kill -9 the INBOX stream's leader, keep going
-#                      for 8 s, bring it back on its store.
+#                      on two nodes (12 s; quick: 10 s), bring it back on its store.
 #   gateway-nats-cut   2 gateways, one reaching NATS through faults/tcpproxy.py; loadgen chat
 #                      over both; the proxy drops that gateway's NATS connection (RST) and refuses
 #                      it for 5 s, then lets it back (the gateway must resync its users from their
@@ -67,7 +67,7 @@ while [[ $# -gt 0 ]]; do
         --sync-interval) sync_interval="$2"; shift ;;
         --bin-dir) bin_dir="$(cd "$2" && pwd)"; build=0; shift ;;
         --list) echo "$ALL_CASES"; exit 0 ;;
-        -h|--help) sed -n '2,39p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "faults/run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -89,6 +89,12 @@ fi
 # Environment overrides (for reproductions): FAULTS_RATE, FAULTS_USERS, FAULTS_DURATION, FAULTS_CHURN.
 RATE="${FAULTS_RATE:-$RATE}" USERS="${FAULTS_USERS:-$USERS}" DURATION="${FAULTS_DURATION:-$DURATION}"
 RESTART_AFTER=2 GW_RESTART_AFTER=3 CUT_FOR=5 CHURN="${FAULTS_CHURN:-4}"
+# router-kill runs the router with one PubAck outstanding: with the default (4096) a 1023-copy
+# fan-out is published in ~40 ms, faster than the kill can follow its first delivered copy, so the
+# kill would often land after the last copy was sent. One at a time stretches it to a few hundred
+# ms, and the kill lands while copies are still being published (see copies_missing_at_kill and
+# torn_posts_complete_after_s in the results).
+ROUTER_FLAGS="${FAULTS_ROUTER_FLAGS---max-inflight 1}"
 # Long enough to see the survivors elect a new INBOX leader before the node comes back.
 CLUSTER_DOWN=$([[ $quick == 1 ]] && echo 10 || echo 12)
 
@@ -160,7 +166,7 @@ flog "nats-server: $NATS ($("$NATS" --version)); binaries: $src (snapshot in $sn
 
 declare -A DESC=(
     [gateway-kill]="Two gateways, $USERS users in pairs across them (faults/client.py chat, $RATE msg/s, ${DURATION}s). At ${FAULT_AT}s the gateway holding half the users is killed with SIGKILL; it is started again ${GW_RESTART_AFTER}s later. Clients reconnect with full-jitter exponential backoff (0.1 s base, 2 s cap) to the next gateway, pass since=<highest seq held>, drain until synced, and re-send every unanswered send with its id."
-    [router-kill]="A $GROUP_MEMBERS-member group over two gateways (faults/client.py group): $GROUP_POSTS posts at $GROUP_RATE/s. The router is killed with SIGKILL the instant post $GROUP_MARK's fan-out has begun (its sent tick is back and its first copy reached a member; the rest of its $((GROUP_MEMBERS - 1)) copies are in flight) and started again ${RESTART_AFTER}s later. Recovery: from the kill to the first copy delivered after the longest pause."
+    [router-kill]="A $GROUP_MEMBERS-member group over two gateways (faults/client.py group): $GROUP_POSTS posts at $GROUP_RATE/s. The router runs with ${ROUTER_FLAGS:-its defaults} (a 1023-copy fan-out then takes ~150 ms instead of ~40 ms, so that the kill lands while copies are still being published). The router is killed with SIGKILL the instant post $GROUP_MARK's fan-out has begun (its sent tick is back and its first copy reached a member; the rest of its $((GROUP_MEMBERS - 1)) copies are in flight) and started again ${RESTART_AFTER}s later. Recovery: from the kill to the first copy delivered after the longest pause."
     [storage-kill]="loadgen chat, $USERS users in pairs, $RATE msg/s for ${DURATION}s, one gateway. At ${FAULT_AT}s storage is killed with SIGKILL and started again ${RESTART_AFTER}s later."
     [storage-kill-churn]="faults/client.py chat --churn $CHURN: $USERS users in pairs, $RATE msg/s for ${DURATION}s, one gateway; every user leaves after an exponential time online (mean ${CHURN}s), stays away 0.2–2 s and comes back (half of them with since=, half from their stored cursor), so inboxes are drained and purged all along. At ${FAULT_AT}s storage is killed with SIGKILL and started again ${RESTART_AFTER}s later."
     [nats-kill-retry]="faults/client.py chat (no churn): $USERS users in pairs, $RATE msg/s for ${DURATION}s, one gateway. At ${FAULT_AT}s the nats-server is killed with SIGKILL and started again ${RESTART_AFTER}s later on the same ports and store. Clients stay connected and, as PROTOCOL.md says, retry a send answered unavailable with the same id (0.1–0.5 s later, holding their later sends back until it is answered)."
@@ -276,10 +282,11 @@ case_gateway-kill() {
 }
 
 # A 1024-member group run with one fault injected the instant post $GROUP_MARK's fan-out has
-# begun. $1 = case, $2 = fault text, $3 = function injecting it.
+# begun. $1 = case, $2 = fault text, $3 = function injecting it, $4 = extra router flags.
 group_case() {
     begin_case "$1" "$2" "client.py group"
-    start_nats 1 "$sync_interval" && start_storage && start_router && \
+    # shellcheck disable=SC2086
+    start_nats 1 "$sync_interval" && start_storage && start_router ${4:-} && \
         start_gateway gw-a "$NATS_URL" && start_gateway gw-b "$NATS_URL" || { end_case 2; return; }
     start_sampler "$(( $(date +%s) + 600 ))" "${GW_METRICS[gw-a]}" "${GW_METRICS[gw-b]}"
     # The client writes one line into this FIFO the instant post $GROUP_MARK's fan-out has begun
@@ -314,7 +321,7 @@ kill_restart_router() {
 }
 
 case_router-kill() {
-    group_case router-kill "kill -9 of the router mid fan-out of a ${GROUP_MEMBERS}-member group; restarted ${RESTART_AFTER}s later" kill_restart_router
+    group_case router-kill "kill -9 of the router mid fan-out of a ${GROUP_MEMBERS}-member group; restarted ${RESTART_AFTER}s later" kill_restart_router "$ROUTER_FLAGS"
 }
 
 case_nats-kill-group() {

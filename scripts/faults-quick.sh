@@ -8,7 +8,7 @@
 #
 # Builds release binaries (`cargo build --release -p gateway -p storage -p router -p loadgen`)
 # unless --skip-build; --debug uses target/debug instead (slower to run, quicker to build).
-# Takes about 3–4 minutes with release builds on 2 cores (plus the build). Results and logs:
+# Takes about 2.5 minutes on 2 cores with release or debug binaries (plus the build). Results and logs:
 # bench-results/faults/quick-<UTC stamp>/ (faults.md, faults.json, one directory per case).
 # Exit status: 0 all cases passed; 1 a case lost, duplicated or reordered messages; 2 setup.
 set -euo pipefail
