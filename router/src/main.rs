@@ -99,10 +99,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut stop = std::pin::pin!(telemetry::stop_signal()?);
     let (metrics, registry) = Metrics::new();
-    let registry = Arc::new(registry);
-    let render: telemetry::Render = Arc::new(move || telemetry::encode_registry(&registry));
-    let health = Arc::new(telemetry::Health::new());
-    telemetry::spawn(args.metrics_addr, render, health.clone()).await?;
+    let health = telemetry::serve_registry(args.metrics_addr, registry).await?;
 
     let partitions = fanout::owned_partitions(args.instance, args.instances);
     let (events_tx, events_rx) = mpsc::unbounded_channel();

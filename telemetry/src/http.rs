@@ -426,3 +426,16 @@ mod tests {
         assert_eq!(parse_request_line(b""), None);
     }
 }
+
+/// Serves a service's prometheus-client registry on `addr` (with `/healthz` and `/readyz`) and
+/// returns the readiness flag, not ready yet. Needs a tokio runtime.
+pub async fn serve_registry(
+    addr: SocketAddr,
+    registry: prometheus_client::registry::Registry,
+) -> anyhow::Result<Arc<Health>> {
+    let registry = Arc::new(registry);
+    let render: Render = Arc::new(move || crate::encode_registry(&registry));
+    let health = Arc::new(Health::new());
+    spawn(addr, render, health.clone()).await?;
+    Ok(health)
+}

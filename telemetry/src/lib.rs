@@ -15,7 +15,7 @@ mod signals;
 
 pub use config_file::{apply_config_file, env_pairs};
 pub use health::Health;
-pub use http::{serve, serve_listener, spawn};
+pub use http::{serve, serve_listener, serve_registry, spawn};
 pub use logging::init_logging;
 pub use metrics::{encode_registry, METRICS_CONTENT_TYPE};
 pub use sharded::{exponential, ShardedHistogram};
