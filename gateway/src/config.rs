@@ -65,9 +65,6 @@ pub struct Config {
     /// Largest WebSocket frame or message, bytes; larger ones close the connection (1009).
     #[arg(long, env = "GATEWAY_MAX_FRAME", default_value_t = 64 * 1024)]
     pub max_frame: usize,
-    /// Per-connection socket read chunk, bytes (small: most connections are idle).
-    #[arg(long, env = "GATEWAY_READ_BUFFER", default_value_t = 2048)]
-    pub read_buffer: usize,
     /// Per-connection queue of frames waiting to be written.
     #[arg(long, env = "GATEWAY_SEND_QUEUE", default_value_t = 512)]
     pub send_queue: usize,

@@ -5,11 +5,8 @@ use std::borrow::Cow;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use async_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Role, WebSocketConfig};
-use async_tungstenite::tungstenite::{Error as WsError, Message};
-use async_tungstenite::WebSocketStream;
 use futures::stream::FuturesOrdered;
-use futures::{AsyncReadExt, AsyncWriteExt, FutureExt, SinkExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt, FutureExt, StreamExt};
 use glommio::net::TcpStream;
 use protocol::groups::{GroupEntry, GroupReply, GroupRequest, UserSettings, WhoReadReply, WhoReadRequest};
 use protocol::item::{InboxItem, ReceiptStatus};
@@ -24,9 +21,10 @@ use crate::executor::ExecCtx;
 use crate::handshake::{self, Request};
 use crate::outbox::Outbox;
 use crate::ratelimit::RateLimit;
+use crate::wsio::{Message, ReadError, WsIo};
 use protocol::ClientMsgId;
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WsIo<TcpStream>;
 
 /// Receipt bookkeeping per connection: how many sent-but-unacked chat items it remembers.
 const MAX_UNACKED_TRACKED: usize = 1024;
@@ -120,14 +118,8 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         return;
     }
     let _ = stream.set_write_timeout(Some(Duration::from_secs(ctx.cfg.write_timeout_secs)));
-    let cfg = &ctx.cfg;
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(cfg.read_buffer)
-        .write_buffer_size(0)
-        .max_write_buffer_size(cfg.max_frame * 4)
-        .max_message_size(Some(cfg.max_frame))
-        .max_frame_size(Some(cfg.max_frame));
-    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config)).await;
+    let limits = wscodec::Limits { max_frame: ctx.cfg.max_frame, max_message: ctx.cfg.max_frame };
+    let ws = WsIo::new(stream, limits, leftover);
 
     ctx.metrics.connections_open.inc();
     let outbox = Rc::new(Outbox::new(ctx.cfg.send_queue, issued_at));
@@ -204,7 +196,7 @@ type Pending = FuturesOrdered<futures::future::LocalBoxFuture<'static, Reply>>;
 enum Wake {
     Outbox,
     Published(Option<Reply>),
-    Frame(Option<Result<Message, WsError>>),
+    Frame(Option<Result<Message, ReadError>>),
     Heartbeat,
 }
 
@@ -419,9 +411,9 @@ impl Session {
         for c in copies {
             if c.seq == 0 {
                 // An ephemeral frame (typing, presence), already rendered.
-                let text = String::from_utf8_lossy(&c.payload).into_owned();
+                let text = String::from_utf8_lossy(&c.payload);
                 self.ctx.metrics.frames_out.inc();
-                self.ws.feed(Message::Text(text.into())).await.map_err(|_| "io_error")?;
+                self.ws.feed_text(text.as_bytes()).await.map_err(|_| "io_error")?;
                 wrote = true;
                 continue;
             }
@@ -464,7 +456,7 @@ impl Session {
             return Ok(None);
         }
         let frame = render_item(seq, payload);
-        self.ws.feed(Message::Text(frame.into())).await.map_err(|_| "io_error")?;
+        self.ws.feed_text(frame.as_bytes()).await.map_err(|_| "io_error")?;
         self.delivery.mark_sent(seq, head.as_ref().and_then(ItemHead::receipt_target));
         let m = &self.ctx.metrics;
         m.frames_out.inc();
@@ -479,16 +471,16 @@ impl Session {
         self.ctx.metrics.frames_in.inc();
         let text = match msg {
             Message::Text(t) => t,
-            Message::Binary(_) => {
+            Message::Binary => {
                 return self
                     .error(ErrorCode::BinaryUnsupported, "binary frames are not supported; send JSON text frames", None)
                     .await;
             }
-            // tungstenite answers pings itself; pongs and raw frames need nothing.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return self.flush().await,
-            Message::Close(_) => {
-                // tungstenite queues the reply to a Close; flushing sends it (RFC 6455 §5.5.1:
-                // the receiver answers with a Close before the connection ends).
+            // The Pong answering a Ping is queued by WsIo; flushing sends it.
+            Message::Ping | Message::Pong => return self.flush().await,
+            Message::Close => {
+                // WsIo queued the reply to the Close; flushing sends it (RFC 6455 §5.5.1: the
+                // receiver answers with a Close before the connection ends).
                 let _ = self.ws.flush().await;
                 return Err("client_closed");
             }
@@ -784,7 +776,7 @@ impl Session {
 
     async fn send(&mut self, text: String) -> Result<(), Reason> {
         self.ctx.metrics.frames_out.inc();
-        self.ws.send(Message::Text(text.into())).await.map_err(|_| "io_error")
+        self.ws.send_text(text.as_bytes()).await.map_err(|_| "io_error")
     }
 
     async fn flush(&mut self) -> Result<(), Reason> {
@@ -792,26 +784,23 @@ impl Session {
     }
 
     async fn close(&mut self, code: u16, reason: &'static str) {
-        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-        let _ = self.ws.close(Some(frame)).await;
+        let _ = self.ws.close(code, reason).await;
     }
 
-    async fn fail(&mut self, e: WsError) -> Reason {
+    async fn fail(&mut self, e: ReadError) -> Reason {
         match e {
-            WsError::Capacity(_) => {
-                self.close(1009, "frame or message too large").await;
-                "too_large"
+            ReadError::Violation(v) => {
+                self.close(v.code, v.reason).await;
+                if v.code == 1009 {
+                    "too_large"
+                } else {
+                    "protocol_error"
+                }
             }
-            WsError::Utf8(_) => {
-                self.close(1007, "invalid UTF-8").await;
-                "protocol_error"
+            ReadError::Io(e) => {
+                tracing::debug!(error = %e, "connection read failed");
+                "io_error"
             }
-            WsError::Protocol(_) => {
-                self.close(1002, "protocol error").await;
-                "protocol_error"
-            }
-            WsError::ConnectionClosed | WsError::AlreadyClosed => "client_closed",
-            _ => "io_error",
         }
     }
 }

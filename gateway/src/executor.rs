@@ -141,12 +141,23 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>, ready: Ar
     };
     tracing::info!(executor = ctx.id, addr = %ctx.cfg.listen, "listening");
     ready.listening();
+    let mut task_size_logged = false;
     loop {
         let accepted = futures::future::select(Box::pin(listener.accept()), Box::pin(wait_draining(&ctx))).await;
         match accepted {
             futures::future::Either::Left((Ok(stream), _)) => {
-                let ctx = ctx.clone();
-                match glommio::spawn_local_into(crate::conn::handle(ctx, stream), tq) {
+                let task = crate::conn::handle(ctx.clone(), stream);
+                if !task_size_logged {
+                    // Every connection holds this much task state for its whole life: a number
+                    // to watch when the session code changes (the per-connection memory budget).
+                    task_size_logged = true;
+                    tracing::info!(
+                        executor = ctx.id,
+                        bytes = std::mem::size_of_val(&task),
+                        "connection task state size"
+                    );
+                }
+                match glommio::spawn_local_into(task, tq) {
                     Ok(task) => {
                         task.detach();
                     }

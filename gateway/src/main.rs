@@ -20,6 +20,7 @@ mod ratelimit;
 mod readiness;
 mod revocation;
 mod web;
+mod wsio;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -280,5 +280,14 @@ pub fn encode_close(code: u16, reason: &str, out: &mut Vec<u8>) {
     encode(OpCode::Control(Control::Close), &body, out);
 }
 
+/// Appends the answer to a client's Close (§5.5.1): a Close echoing its status code, or an empty
+/// one when it carried none.
+pub fn encode_close_reply(status: Option<u16>, out: &mut Vec<u8>) {
+    match status {
+        Some(code) => encode(OpCode::Control(Control::Close), &code.to_be_bytes(), out),
+        None => encode(OpCode::Control(Control::Close), &[], out),
+    }
+}
+
 #[cfg(test)]
 mod tests;

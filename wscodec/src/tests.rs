@@ -246,3 +246,13 @@ fn close_reason_is_cut_on_a_character_boundary() {
     assert_eq!(&body[..2], &1001u16.to_be_bytes());
     assert!(std::str::from_utf8(&body[2..]).is_ok());
 }
+
+#[test]
+fn close_replies_echo_the_status_or_nothing() {
+    let mut out = Vec::new();
+    encode_close_reply(Some(1001), &mut out);
+    assert_eq!(parse_server_frame(&out), (true, 8, false, 1001u16.to_be_bytes().to_vec()));
+    out.clear();
+    encode_close_reply(None, &mut out);
+    assert_eq!(parse_server_frame(&out), (true, 8, false, vec![]));
+}
