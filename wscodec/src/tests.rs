@@ -170,7 +170,7 @@ fn refuses_protocol_violations_with_1002() {
 fn refuses_invalid_utf8_with_1007() {
     assert_eq!(violation(&frame(TEXT, &[0xff])).code, 1007);
     let mut split = frame(TEXT_FIRST, &[0xe2]);
-    split.extend(frame(CONT_LAST, &[b'a']));
+    split.extend(frame(CONT_LAST, b"a"));
     assert_eq!(violation(&split).code, 1007);
     let mut close = 1000u16.to_be_bytes().to_vec();
     close.push(0xc0);
