@@ -174,6 +174,16 @@ impl Metrics {
             Unit::Bytes,
             m.resident.clone(),
         );
+        // Every series of the rate limits exists from the start (at 0), so rates and alerts see
+        // the first refusal as an increase.
+        for (scope, kinds) in [
+            ("connection", &["messages", "ops", "typing"][..]),
+            ("user", &["messages", "ops", "typing", "connections"][..]),
+        ] {
+            for kind in kinds {
+                let _ = m.rate_limited.get_or_create(&[("scope", scope), ("kind", kind)]);
+            }
+        }
         let info = prometheus_client::metrics::info::Info::new([("gateway_id", gateway_id.to_owned())]);
         r.register("gateway_build", "Gateway identity", info);
         Metrics { registry, ..m }

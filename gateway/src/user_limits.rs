@@ -11,7 +11,8 @@
 //! An entry lives while the user has a connection here, and [`crate::ratelimit::REFILL_TIME`]
 //! (2 s) after its last one closes — the time an empty bucket takes to refill — so closing and
 //! reopening connections buys no fresh burst. Memory is thus bounded by the users online on this
-//! process plus those that left in the last 2 s (about 200 bytes each plus the id).
+//! process plus those that left in the last 2 s (a map entry, the user id and three buckets:
+//! a couple of hundred bytes each).
 //!
 //! The limits hold per gateway process, not across gateways: a user with connections on k
 //! gateways gets at most k times the per-user budget (k ≤ the number of gateways, and ≤ the
