@@ -17,9 +17,9 @@
 # Environment overrides: NATS_SERVER (path to nats-server), CHAT_USERS (100), CHAT_WINDOW (32),
 # CHAT_DURATION (30s), BASELINE_DURATION (15s), CONNECTIONS (10000), CONNECT_RATE (1000),
 # HOLD (30s), GATEWAY_CORES (2), QUIET_PCT (20), MAX_OTHER_PCT (10), ATTEMPTS (3), GATEWAY_FLAGS (extra gateway flags, default
-# "--messages-per-sec 0": the gateway's per-connection send limit, 50 msg/s by default, would
-# otherwise cap 100 users at 5,000 msg/s and the max-rate run would measure the policy, not the
-# system), WAIT_QUIET (1: before each measurement wait until other processes leave the machine
+# "--messages-per-sec 0 --user-messages-per-sec 0": the gateway's per-connection and per-user
+# send limits, 50 and 100 msg/s by default, would otherwise cap 100 users at 5,000 msg/s and the
+# max-rate run would measure the policy, not the system), WAIT_QUIET (1: before each measurement wait until other processes leave the machine
 # under QUIET_PCT % busy, since it may be shared). A measurement during which other processes
 # used more than MAX_OTHER_PCT % of the machine is discarded (kept under logs-*/discarded/) and
 # repeated, up to ATTEMPTS times; cpu-accounting.tsv in the logs shows where the CPU went.
@@ -52,7 +52,7 @@ CONNECTIONS="${CONNECTIONS:-10000}"
 CONNECT_RATE="${CONNECT_RATE:-1000}"
 HOLD="${HOLD:-30s}"
 GATEWAY_CORES="${GATEWAY_CORES:-2}"
-GATEWAY_FLAGS="${GATEWAY_FLAGS---messages-per-sec 0}"
+GATEWAY_FLAGS="${GATEWAY_FLAGS---messages-per-sec 0 --user-messages-per-sec 0}"
 WAIT_QUIET="${WAIT_QUIET:-1}"
 if [[ $quick == 1 ]]; then
     CHAT_DURATION=5s BASELINE_DURATION=3s CONNECTIONS=1000 HOLD=5s

@@ -480,7 +480,7 @@ case_sync-cost() {
             local save_case_dir="$case_dir"; case_dir="$vd"
             wait_quiet
             if ! { start_nats "$nodes" "$sync" && start_storage --replicas "$nodes" &&
-                   start_gateway gw-a "$NATS_URL" --messages-per-sec 0; }; then
+                   start_gateway gw-a "$NATS_URL" --messages-per-sec 0 --user-messages-per-sec 0; }; then
                 stop_all; case_dir="$save_case_dir"; flog "sync-cost $name: the system did not start"; continue
             fi
             curl -fsS --max-time 2 "http://127.0.0.1:${NATS_MON[0]}/varz" | jq '.jetstream.config' >"$vd/jetstream-config.json" || true
@@ -497,7 +497,7 @@ case_sync-cost() {
             case_dir="$save_case_dir"
         done
     done
-    jq -n --arg d "Same binaries and machine, one gateway (--cores ${GATEWAY_CORES:-1} --messages-per-sec 0) and storage --replicas N on N nats-servers (file store), variants interleaved over $SYNC_ROUNDS round(s), each round a fresh system: loadgen baseline ($SYNC_DURATION, raw JetStream publish to a scratch stream configured like INBOX — R1 even on the cluster), loadgen chat --rate max --window 32 (100 users, $SYNC_DURATION, closed loop), loadgen chat --total-rate 1000 (100 users, $SYNC_DURATION, open loop). 'default' = a nats config without sync_interval (nats-server's 2m); 'always' = jetstream { sync_interval: always } on every node. Figures are means over the rounds (each round's in faults.json)." \
+    jq -n --arg d "Same binaries and machine, one gateway (--cores ${GATEWAY_CORES:-1} --messages-per-sec 0 --user-messages-per-sec 0) and storage --replicas N on N nats-servers (file store), variants interleaved over $SYNC_ROUNDS round(s), each round a fresh system: loadgen baseline ($SYNC_DURATION, raw JetStream publish to a scratch stream configured like INBOX — R1 even on the cluster), loadgen chat --rate max --window 32 (100 users, $SYNC_DURATION, closed loop), loadgen chat --total-rate 1000 (100 users, $SYNC_DURATION, open loop). 'default' = a nats config without sync_interval (nats-server's 2m); 'always' = jetstream { sync_interval: always } on every node. Figures are means over the rounds (each round's in faults.json)." \
         --arg h "$(cat "$root/faults/SYNC_INTERVAL.md")" --arg variants "$SYNC_VARIANTS" --argjson rounds "$SYNC_ROUNDS" \
         '{description: $d, how_to: $h, variants: ($variants | split(" ")), rounds: $rounds}' >"$case_dir/meta-sync.json"
     mv "$case_dir/meta-sync.json" "$case_dir/sync-meta.json"

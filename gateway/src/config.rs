@@ -96,6 +96,20 @@ pub struct Config {
     /// Typing indicators a connection may send per second (excess ones are dropped).
     #[arg(long, env = "GATEWAY_TYPING_PER_SEC", default_value_t = 2)]
     pub typing_per_sec: u32,
+    /// Messages all of a user's connections on this gateway may send per second together,
+    /// bursts of twice that; beyond it they are refused with `rate_limited`. 0: no limit.
+    #[arg(long, env = "GATEWAY_USER_MESSAGES_PER_SEC", default_value_t = 100)]
+    pub user_messages_per_sec: u32,
+    /// Group operations, presence and who-read queries per second per user on this gateway.
+    #[arg(long, env = "GATEWAY_USER_OPS_PER_SEC", default_value_t = 20)]
+    pub user_ops_per_sec: u32,
+    /// Typing indicators per second per user on this gateway (excess ones are dropped).
+    #[arg(long, env = "GATEWAY_USER_TYPING_PER_SEC", default_value_t = 4)]
+    pub user_typing_per_sec: u32,
+    /// Concurrent connections one user may hold on this gateway; more are refused at the upgrade
+    /// with HTTP 429. 0: no cap.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_USER", default_value_t = 10)]
+    pub max_connections_per_user: u32,
     /// On SIGTERM, how long to wait for in-flight publishes before exiting.
     #[arg(long, env = "GATEWAY_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     pub drain_timeout_secs: u64,
@@ -138,6 +152,16 @@ impl Config {
 
     pub fn cores(&self) -> usize {
         self.cores.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
+    }
+
+    /// The per-user limits of this gateway process.
+    pub fn user_rates(&self) -> crate::user_limits::UserRates {
+        crate::user_limits::UserRates {
+            messages_per_sec: self.user_messages_per_sec,
+            ops_per_sec: self.user_ops_per_sec,
+            typing_per_sec: self.user_typing_per_sec,
+            max_connections: self.max_connections_per_user,
+        }
     }
 
     pub fn heartbeat_timeout(&self) -> Duration {

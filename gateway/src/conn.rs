@@ -20,7 +20,7 @@ use crate::delivery::{Delivery, Live, ReceiptTarget};
 use crate::executor::ExecCtx;
 use crate::handshake::{self, Request};
 use crate::outbox::Outbox;
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::{ConnLimits, Kind};
 use crate::wsio::{Message, ReadError, WsIo};
 use protocol::ClientMsgId;
 
@@ -113,6 +113,13 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         let _ = respond(&mut stream, 401, "Unauthorized", "token_revoked\n").await;
         return;
     }
+    // The user's share of the per-user limits; held (and counted) until this function returns.
+    let Ok(user_slot) = ctx.user_limits.connect(&user) else {
+        ctx.metrics.handshake_failed("too_many_connections");
+        ctx.metrics.rate_limited("user", "connections");
+        let _ = respond(&mut stream, 429, "Too Many Requests", "too_many_connections\n").await;
+        return;
+    };
     if stream.write_all(handshake::switching_protocols(&upgrade.key).as_bytes()).await.is_err() {
         ctx.metrics.handshake_failed("io_error");
         return;
@@ -133,10 +140,8 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         delivery: Delivery::new(0, MAX_UNACKED_TRACKED),
         mirror: false,
         watching: Vec::new(),
-        typing: RateLimit::per_sec(ctx.cfg.typing_per_sec),
+        limits: ConnLimits::new(&ctx.cfg, user_slot, ctx.metrics.clone()),
         history_days: 0,
-        messages: RateLimit::per_sec(ctx.cfg.messages_per_sec),
-        ops: RateLimit::per_sec(ctx.cfg.ops_per_sec),
         send_chain: None,
     };
     let reason = session.run(upgrade.since.unwrap_or(0)).await;
@@ -211,11 +216,10 @@ struct Session {
     mirror: bool,
     /// Users whose presence changes are pushed to this connection.
     watching: Vec<UserId>,
-    typing: RateLimit,
+    /// Rate limits of this connection and of its user on this gateway.
+    limits: ConnLimits,
     /// Days of server-side history the user opted into (0: off).
     history_days: u32,
-    messages: RateLimit,
-    ops: RateLimit,
     /// Completion of this connection's last send (true when stored), for [`Session::send_in_order`].
     send_chain: Option<futures::channel::oneshot::Receiver<bool>>,
 }
@@ -490,17 +494,20 @@ impl Session {
             Err(e) => return self.error(e.code, &e.msg, e.id.as_deref()).await,
         };
         let limited = match &frame {
-            ClientFrame::Send { id, .. } | ClientFrame::GroupSend { id, .. } => (!self.messages.allow()).then_some(id),
-            ClientFrame::Group { id, .. } | ClientFrame::WhoRead { id, .. } | ClientFrame::Presence { id, .. } => {
-                (!self.ops.allow()).then_some(id)
+            ClientFrame::Send { id, .. } | ClientFrame::GroupSend { id, .. } => {
+                self.limits.check(Kind::Messages).err().map(|scope| (id, scope))
             }
+            // History pages and settings cost NATS requests too (a backwards page up to one per item).
+            ClientFrame::Group { id, .. }
+            | ClientFrame::WhoRead { id, .. }
+            | ClientFrame::Presence { id, .. }
+            | ClientFrame::History { id, .. }
+            | ClientFrame::Settings { id, .. } => self.limits.check(Kind::Ops).err().map(|scope| (id, scope)),
             _ => None,
         };
-        if let Some(id) = limited {
+        if let Some((id, scope)) = limited {
             let id = id.to_string();
-            return self
-                .error(ErrorCode::RateLimited, "too many requests; retry later with the same id", Some(&id))
-                .await;
+            return self.error(ErrorCode::RateLimited, scope.message(), Some(&id)).await;
         }
         match frame {
             ClientFrame::Ping => self.send(ServerFrame::Pong.to_json()).await,
@@ -628,7 +635,7 @@ impl Session {
                 Ok(())
             }
             ClientFrame::Typing { conv } => {
-                if self.typing.allow() {
+                if self.limits.check(Kind::Typing).is_ok() {
                     self.ctx.bridge.typing(self.user.clone(), conv);
                 } else {
                     self.ctx.metrics.typing_dropped.inc();

@@ -26,6 +26,8 @@ pub struct ExecCtx {
     pub gateway_id: Arc<str>,
     pub limits: protocol::Limits,
     pub revocations: Arc<crate::revocation::Revocations>,
+    /// Per-user limits, shared by every executor of this process.
+    pub user_limits: Arc<crate::user_limits::UserLimits>,
     /// Connections by user, for live dispatch.
     sessions: RefCell<FxHashMap<UserId, Vec<Rc<Outbox>>>>,
     /// Connections watching a user's presence (`presence_sub`).
@@ -127,6 +129,11 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>, ready: Ar
             loop {
                 glommio::timer::sleep(Duration::from_secs(1)).await;
                 ctx.metrics.executor_busy(ctx.id, glommio::executor().executor_stats().executor_runtime());
+                // Forget users whose last connection closed long enough ago (one executor does it
+                // for the process; connects and closes also sweep the shards they touch).
+                if ctx.id == 0 {
+                    ctx.user_limits.sweep();
+                }
             }
         })
         .detach();
@@ -198,6 +205,7 @@ async fn wait_draining(ctx: &ExecCtx) {
 }
 
 impl ExecCtx {
+    #[allow(clippy::too_many_arguments)] // what the executors share, each from main
     pub fn new(
         id: usize,
         cfg: Arc<Config>,
@@ -206,6 +214,7 @@ impl ExecCtx {
         metrics: Arc<Metrics>,
         gateway_id: Arc<str>,
         revocations: Arc<crate::revocation::Revocations>,
+        user_limits: Arc<crate::user_limits::UserLimits>,
     ) -> Self {
         let limits = protocol::Limits { max_body: cfg.max_body };
         ExecCtx {
@@ -217,6 +226,7 @@ impl ExecCtx {
             gateway_id,
             limits,
             revocations,
+            user_limits,
             sessions: RefCell::new(FxHashMap::default()),
             watchers: RefCell::new(FxHashMap::default()),
             draining: Cell::new(false),

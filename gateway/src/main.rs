@@ -19,6 +19,7 @@ mod presence;
 mod ratelimit;
 mod readiness;
 mod revocation;
+mod user_limits;
 mod web;
 mod wsio;
 
@@ -38,6 +39,7 @@ fn main() -> anyhow::Result<()> {
     let cores = cfg.cores();
     let ready = Arc::new(readiness::Readiness::new(health.clone(), cores));
     let revocations = Arc::new(revocation::Revocations::default());
+    let user_limits = Arc::new(user_limits::UserLimits::new(cfg.user_rates(), metrics.rate_limit_users.clone()));
 
     let (bridge, exec_events, _bridge_thread) = bridge::start(
         bridge::BridgeConfig {
@@ -64,7 +66,7 @@ fn main() -> anyhow::Result<()> {
     let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut handles = Vec::new();
     for (id, events) in exec_events.into_iter().enumerate() {
-        let (cfg, keys, bridge, metrics, gateway_id, ready, revocations) = (
+        let (cfg, keys, bridge, metrics, gateway_id, ready, revocations, user_limits) = (
             cfg.clone(),
             keys.clone(),
             bridge.clone(),
@@ -72,13 +74,23 @@ fn main() -> anyhow::Result<()> {
             gateway_id.clone(),
             ready.clone(),
             revocations.clone(),
+            user_limits.clone(),
         );
         let placement = if cores <= online { Placement::Fixed(id) } else { Placement::Unbound };
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("gateway-{id}"))
             .io_memory(cfg.io_memory)
             .spawn(move || async move {
-                let ctx = Rc::new(executor::ExecCtx::new(id, cfg, keys, bridge, metrics, gateway_id, revocations));
+                let ctx = Rc::new(executor::ExecCtx::new(
+                    id,
+                    cfg,
+                    keys,
+                    bridge,
+                    metrics,
+                    gateway_id,
+                    revocations,
+                    user_limits,
+                ));
                 executor::run(ctx, events, ready).await
             })
             .map_err(|e| anyhow::anyhow!("starting executor {id}: {e}"))?;

@@ -12,6 +12,7 @@ use prometheus_client::registry::{Registry, Unit};
 use telemetry::{exponential, ShardedHistogram};
 
 type Labels = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
 
 pub struct Metrics {
     registry: Registry,
@@ -40,6 +41,9 @@ pub struct Metrics {
     pub presence_pushes: Counter,
     pub typing_events: Counter,
     pub typing_dropped: Counter,
+    rate_limited: Family<Labels2, Counter>,
+    /// Users with per-user limit state on this process (kept up to date by `UserLimits`).
+    pub rate_limit_users: Gauge,
     resident: Gauge,
     /// Time each executor spent running tasks, µs (its own slot; summed by nobody).
     executor_busy_us: Box<[AtomicU64]>,
@@ -102,6 +106,8 @@ impl Metrics {
             presence_pushes: Counter::default(),
             typing_events: Counter::default(),
             typing_dropped: Counter::default(),
+            rate_limited: Family::default(),
+            rate_limit_users: Gauge::default(),
             resident: Gauge::default(),
             registry: Registry::default(),
         };
@@ -151,12 +157,33 @@ impl Metrics {
         );
         r.register("gateway_typing_events", "Typing indicators relayed", m.typing_events.clone());
         r.register("gateway_typing_dropped", "Typing indicators dropped by the rate limit", m.typing_dropped.clone());
+        r.register(
+            "gateway_rate_limited",
+            "Client requests refused by a rate limit, by scope (connection, user) and kind (messages, ops, typing; \
+             connections: upgrades refused by the per-user connection cap)",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "gateway_rate_limit_users",
+            "Users with per-user rate-limit state here: online on this gateway, or left in the last 2 s",
+            m.rate_limit_users.clone(),
+        );
         r.register_with_unit(
             "gateway_resident_memory",
             "Resident set size of the process",
             Unit::Bytes,
             m.resident.clone(),
         );
+        // Every series of the rate limits exists from the start (at 0), so rates and alerts see
+        // the first refusal as an increase.
+        for (scope, kinds) in [
+            ("connection", &["messages", "ops", "typing"][..]),
+            ("user", &["messages", "ops", "typing", "connections"][..]),
+        ] {
+            for kind in kinds {
+                let _ = m.rate_limited.get_or_create(&[("scope", scope), ("kind", kind)]);
+            }
+        }
         let info = prometheus_client::metrics::info::Info::new([("gateway_id", gateway_id.to_owned())]);
         r.register("gateway_build", "Gateway identity", info);
         Metrics { registry, ..m }
@@ -172,6 +199,11 @@ impl Metrics {
 
     pub fn frame_error(&self, code: &'static str) {
         self.frame_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    /// A request refused by the `scope` limit of `kind`.
+    pub fn rate_limited(&self, scope: &'static str, kind: &'static str) {
+        self.rate_limited.get_or_create(&[("scope", scope), ("kind", kind)]).inc();
     }
 
     pub fn delivered(&self, path: &'static str) {

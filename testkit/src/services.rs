@@ -102,28 +102,22 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// `gateway --listen 127.0.0.1:<free> --metrics-addr 127.0.0.1:<free> --cores 1
-    /// --nats-url <url> --gateway-id gw-<port>` with `JWT_SECRET=<secret>`; waits for `/readyz`.
+    /// `gateway --listen 127.0.0.1:<free> --metrics-addr 127.0.0.1:<free> --nats-url <url>
+    /// --cores 1 --gateway-id gw-<port>` with `JWT_SECRET=<secret>`; waits for `/readyz`.
     pub async fn start(nats_url: &str, secret: &str) -> Gateway {
         Self::start_with(nats_url, secret, &[]).await
     }
 
-    /// Like [`Gateway::start`] with extra arguments (a `--gateway-id` among them replaces the
-    /// default one).
+    /// Like [`Gateway::start`] with extra arguments (a `--gateway-id` or `--cores` among them
+    /// replaces the default one).
     pub async fn start_with(nats_url: &str, secret: &str, extra: &[&str]) -> Gateway {
         let port = free_port();
         let listen_addr = format!("127.0.0.1:{port}");
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let mut args = strings(&[
-            "--listen",
-            &listen_addr,
-            "--metrics-addr",
-            &metrics_addr,
-            "--cores",
-            "1",
-            "--nats-url",
-            nats_url,
-        ]);
+        let mut args = strings(&["--listen", &listen_addr, "--metrics-addr", &metrics_addr, "--nats-url", nats_url]);
+        if !extra.contains(&"--cores") {
+            args.extend(strings(&["--cores", "1"]));
+        }
         // Gateways on one host need distinct ids.
         if !extra.contains(&"--gateway-id") {
             args.extend(strings(&["--gateway-id", &format!("gw-{port}")]));

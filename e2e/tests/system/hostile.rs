@@ -201,7 +201,7 @@ fn parse_server_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
 }
 
 /// Two fresh users on gateway `gw` exchange a message: the gateway still serves everyone else.
-async fn others_unaffected(sys: &System, gw: usize, tag: &str) {
+pub(crate) async fn others_unaffected(sys: &System, gw: usize, tag: &str) {
     let (a, b) = (format!("{tag}-a"), format!("{tag}-b"));
     let mut bob = sys.connect(gw, &b, "d").await;
     bob.timeout = WAIT;
@@ -218,14 +218,14 @@ async fn others_unaffected(sys: &System, gw: usize, tag: &str) {
 
 /// The value of a gateway counter with these labels (0 when absent), e.g.
 /// `metric(text, "gateway_handshake_failures_total", "cause=\"handshake_timeout\"")`.
-fn metric(text: &str, name: &str, labels: &str) -> f64 {
+pub(crate) fn metric(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
-async fn metrics_of(url: &str) -> String {
+pub(crate) async fn metrics_of(url: &str) -> String {
     let (code, body) = testkit::http_get(url).await.expect("gateway metrics");
     assert_eq!(code, 200);
     body
@@ -539,7 +539,10 @@ async fn a_flood_beyond_the_rate_limit_is_refused_and_others_are_unaffected() {
         let f = alice.recv().await;
         match (f["t"].as_str(), f["code"].as_str()) {
             (Some("sent"), _) => sent.push(f["id"].as_str().unwrap().to_owned()),
-            (Some("error"), Some("rate_limited")) => limited.push(f["id"].as_str().unwrap().to_owned()),
+            (Some("error"), Some("rate_limited")) => {
+                assert!(f["msg"].as_str().is_some_and(|m| m.contains("this connection")), "{f}");
+                limited.push(f["id"].as_str().unwrap().to_owned())
+            }
             _ => panic!("unexpected answer to the flood: {f}"),
         }
     }
@@ -549,6 +552,11 @@ async fn a_flood_beyond_the_rate_limit_is_refused_and_others_are_unaffected() {
     all.sort();
     all.dedup();
     assert_eq!(all.len(), N, "one answer per id");
+    // Refused by this connection's own limit, and counted as such.
+    let text = metrics_of(&sys.gateways[0].metrics_url()).await;
+    let counted = metric(&text, "gateway_rate_limited_total", "scope=\"connection\",kind=\"messages\"");
+    assert_eq!(counted, limited.len() as f64, "{text}");
+    assert_eq!(metric(&text, "gateway_rate_limited_total", "scope=\"user\""), 0.0, "{text}");
     // Typing beyond its limit is dropped silently: no error for it.
     alice.send_json(&json!({"t":"ping"})).await;
     loop {
@@ -639,7 +647,11 @@ async fn slowloris_handshakes_are_cut_off_while_others_are_served() {
 
 #[tokio::test]
 async fn a_client_that_never_reads_is_cut_off_and_its_messages_wait_in_its_inbox() {
-    let sys = System::start_with(1, &["--write-timeout-secs", "2", "--messages-per-sec", "0"]).await;
+    let sys = System::start_with(
+        1,
+        &["--write-timeout-secs", "2", "--messages-per-sec", "0", "--user-messages-per-sec", "0"],
+    )
+    .await;
     let addr = listen_addr(&sys, 0);
     let metrics = sys.gateways[0].metrics_url();
     let before = metrics_of(&metrics).await;

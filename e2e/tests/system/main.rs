@@ -30,6 +30,7 @@ mod restart;
 mod retention;
 mod retry;
 mod typing;
+mod user_limits;
 
 use std::time::Duration;
 
