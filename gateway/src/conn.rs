@@ -29,7 +29,20 @@ type Ws = WsIo<TcpStream>;
 /// Receipt bookkeeping per connection: how many sent-but-unacked chat items it remembers.
 const MAX_UNACKED_TRACKED: usize = 1024;
 
-pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
+/// Serves one accepted socket until it closes.
+///
+/// Every connection's task holds its state for the connection's whole life, so the state of an
+/// idle session is what a million connections multiply: the handshake and every step that is
+/// not waiting run in their own short-lived allocations (`Box::pin`), and the task itself keeps
+/// only the session and its idle wait (the size is logged at start-up, see executor.rs).
+pub async fn handle(ctx: Rc<ExecCtx>, stream: TcpStream) {
+    let Some((mut session, since)) = Box::pin(accept(ctx, stream)).await else { return };
+    let reason = session.run(since).await;
+    session.finish(reason);
+}
+
+/// The HTTP upgrade: request head, policy and authentication, limits; the session on success.
+async fn accept(ctx: Rc<ExecCtx>, mut stream: TcpStream) -> Option<(Session, u64)> {
     ctx.metrics.connections_accepted.inc();
     let _ = stream.set_nodelay(true);
     let timeout = Duration::from_secs(ctx.cfg.handshake_timeout_secs);
@@ -49,11 +62,11 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
             if cause == "malformed_request" || cause == "head_too_large" {
                 let _ = respond(&mut stream, 400, "Bad Request", "bad request\n").await;
             }
-            return;
+            return None;
         }
         None => {
             ctx.metrics.handshake_failed("handshake_timeout");
-            return;
+            return None;
         }
     };
     let upgrade = match request {
@@ -69,7 +82,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
                 let token = ctx.keys.mint(&user, device.as_deref(), 24 * 3600);
                 let _ = respond(&mut stream, 200, "OK", &token).await;
             }
-            return;
+            return None;
         }
         Request::Asset(content_type, body) => {
             if ctx.cfg.dev_tokens {
@@ -81,23 +94,23 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
             } else {
                 let _ = respond(&mut stream, 404, "Not Found", "not found\n").await;
             }
-            return;
+            return None;
         }
         Request::Refuse(status, reason) => {
             ctx.metrics.handshake_failed("bad_request");
             let _ = respond(&mut stream, status, reason, &format!("{reason}\n")).await;
-            return;
+            return None;
         }
     };
     if ctx.draining.get() {
         ctx.metrics.handshake_failed("draining");
         let _ = respond(&mut stream, 503, "Service Unavailable", "draining, reconnect elsewhere\n").await;
-        return;
+        return None;
     }
     if !handshake::origin_allowed(&ctx.cfg.allowed_origins, upgrade.origin.as_deref()) {
         ctx.metrics.handshake_failed("origin_refused");
         let _ = respond(&mut stream, 403, "Forbidden", "origin not allowed\n").await;
-        return;
+        return None;
     }
     let (user, device, issued_at) = match handshake::authenticate(&ctx.keys, &upgrade) {
         Ok(id) => id,
@@ -105,24 +118,24 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
             ctx.metrics.handshake_failed(e.cause());
             let (status, reason) = e.status();
             let _ = respond(&mut stream, status, reason, &format!("{}\n", e.cause())).await;
-            return;
+            return None;
         }
     };
     if ctx.revocations.is_revoked(user.as_str(), issued_at) {
         ctx.metrics.handshake_failed("token_revoked");
         let _ = respond(&mut stream, 401, "Unauthorized", "token_revoked\n").await;
-        return;
+        return None;
     }
     // The user's share of the per-user limits; held (and counted) until this function returns.
     let Ok(user_slot) = ctx.user_limits.connect(&user) else {
         ctx.metrics.handshake_failed("too_many_connections");
         ctx.metrics.rate_limited("user", "connections");
         let _ = respond(&mut stream, 429, "Too Many Requests", "too_many_connections\n").await;
-        return;
+        return None;
     };
     if stream.write_all(handshake::switching_protocols(&upgrade.key).as_bytes()).await.is_err() {
         ctx.metrics.handshake_failed("io_error");
-        return;
+        return None;
     }
     let _ = stream.set_write_timeout(Some(Duration::from_secs(ctx.cfg.write_timeout_secs)));
     let limits = wscodec::Limits { max_frame: ctx.cfg.max_frame, max_message: ctx.cfg.max_frame };
@@ -131,7 +144,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
     ctx.metrics.connections_open.inc();
     let outbox = Rc::new(Outbox::new(ctx.cfg.send_queue, issued_at));
     ctx.register(&user, &outbox);
-    let mut session = Session {
+    let session = Session {
         ctx: ctx.clone(),
         ws,
         user: user.clone(),
@@ -144,15 +157,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         history_days: 0,
         send_chain: None,
     };
-    let reason = session.run(upgrade.since.unwrap_or(0)).await;
-    for u in std::mem::take(&mut session.watching) {
-        ctx.unwatch(&u, &outbox);
-    }
-    ctx.unregister(&user, &outbox);
-    ctx.bridge.unsubscribe(user.clone(), ctx.id);
-    ctx.bridge.cursor(user, session.device.clone(), session.delivery.acked(), true);
-    ctx.metrics.connections_open.dec();
-    ctx.metrics.closed(reason);
+    Some((session, upgrade.since.unwrap_or(0)))
 }
 
 /// Reads the HTTP request head (bounded in size) and returns it with any bytes after it.
@@ -228,8 +233,21 @@ struct Session {
 type Reason = &'static str;
 
 impl Session {
+    /// Unregisters the connection everywhere and records its cursor.
+    fn finish(mut self, reason: Reason) {
+        let ctx = self.ctx.clone();
+        for u in std::mem::take(&mut self.watching) {
+            ctx.unwatch(&u, &self.outbox);
+        }
+        ctx.unregister(&self.user, &self.outbox);
+        ctx.bridge.unsubscribe(self.user.clone(), ctx.id);
+        ctx.bridge.cursor(self.user, self.device, self.delivery.acked(), true);
+        ctx.metrics.connections_open.dec();
+        ctx.metrics.closed(reason);
+    }
+
     async fn run(&mut self, since: u64) -> Reason {
-        match self.start(since).await {
+        match Box::pin(self.start(since)).await {
             Ok(()) => {}
             Err(reason) => return reason,
         }
@@ -239,14 +257,14 @@ impl Session {
         loop {
             if let Some((code, reason)) = self.outbox.kicked() {
                 if code == 1001 {
-                    let _ = self.send(ServerFrame::Reconnect { reason }.to_json()).await;
+                    let _ = Box::pin(self.send(ServerFrame::Reconnect { reason }.to_json())).await;
                 }
-                self.close(code, reason).await;
+                Box::pin(self.close(code, reason)).await;
                 return if code == 1001 { "server_draining" } else { "kicked" };
             }
             if self.outbox.take_resync() {
                 self.ctx.metrics.resyncs.inc();
-                if let Err(reason) = self.drain(false).await {
+                if let Err(reason) = Box::pin(self.drain(false)).await {
                     return reason;
                 }
             }
@@ -263,21 +281,21 @@ impl Session {
                 }
             };
             let step = match wake {
-                Wake::Outbox => self.deliver_live().await,
+                Wake::Outbox => Box::pin(self.deliver_live()).await,
                 Wake::Published(None) => Ok(()),
                 Wake::Published(Some(reply)) => {
                     self.ctx.inflight.set(self.ctx.inflight.get() - 1);
-                    self.answer(reply).await
+                    Box::pin(self.answer(reply)).await
                 }
                 Wake::Frame(None) => return "client_closed",
-                Wake::Frame(Some(Err(e))) => return self.fail(e).await,
+                Wake::Frame(Some(Err(e))) => return Box::pin(self.fail(e)).await,
                 Wake::Frame(Some(Ok(msg))) => {
                     last_seen = Instant::now();
-                    self.on_message(msg, &mut pending).await
+                    Box::pin(self.on_message(msg, &mut pending)).await
                 }
                 Wake::Heartbeat => {
                     if last_seen.elapsed() >= hb {
-                        self.close(1001, "heartbeat timeout").await;
+                        Box::pin(self.close(1001, "heartbeat timeout")).await;
                         return "heartbeat_timeout";
                     }
                     Ok(())
