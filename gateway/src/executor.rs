@@ -26,6 +26,8 @@ pub struct ExecCtx {
     pub gateway_id: Arc<str>,
     pub limits: protocol::Limits,
     pub revocations: Arc<crate::revocation::Revocations>,
+    /// The TLS server side, when the listener has a certificate.
+    pub tls: Option<futures_rustls::TlsAcceptor>,
     /// Connections by user, for live dispatch.
     sessions: RefCell<FxHashMap<UserId, Vec<Rc<Outbox>>>>,
     /// Connections watching a user's presence (`presence_sub`).
@@ -139,7 +141,7 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>, ready: Ar
             std::process::exit(1);
         }
     };
-    tracing::info!(executor = ctx.id, addr = %ctx.cfg.listen, "listening");
+    tracing::info!(executor = ctx.id, addr = %ctx.cfg.listen, tls = ctx.tls.is_some(), "listening");
     ready.listening();
     loop {
         let accepted = futures::future::select(Box::pin(listener.accept()), Box::pin(wait_draining(&ctx))).await;
@@ -206,10 +208,17 @@ impl ExecCtx {
             gateway_id,
             limits,
             revocations,
+            tls: None,
             sessions: RefCell::new(FxHashMap::default()),
             watchers: RefCell::new(FxHashMap::default()),
             draining: Cell::new(false),
             inflight: Cell::new(0),
         }
+    }
+
+    /// Serve TLS with this configuration (shared by every executor).
+    pub fn with_tls(mut self, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        self.tls = tls.map(futures_rustls::TlsAcceptor::from);
+        self
     }
 }
