@@ -11,6 +11,7 @@ mod http;
 mod nats;
 mod proc;
 mod services;
+mod tls;
 mod ws;
 
 use std::net::TcpListener;
@@ -20,6 +21,7 @@ pub use http::{http_get, wait_http_ok};
 pub use nats::{nats_server_bin, NatsServer};
 pub use proc::Proc;
 pub use services::{Gateway, Router, Storage, System};
+pub use tls::{ClientTls, TestCert};
 pub use ws::{ws_request_url, Event, Inbox, Synced, WsClient};
 
 /// How long services get to become ready. Generous: debug builds on 2 busy cores.

@@ -21,7 +21,7 @@ use crate::chat;
 use crate::group_kit::Member;
 
 /// Bound on anything the gateway is expected to do "soon" (debug builds on 2 busy cores).
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// Text, binary, close, ping opcodes.
 const TEXT: u8 = 0x1;
@@ -201,7 +201,7 @@ fn parse_server_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
 }
 
 /// Two fresh users on gateway `gw` exchange a message: the gateway still serves everyone else.
-async fn others_unaffected(sys: &System, gw: usize, tag: &str) {
+pub(crate) async fn others_unaffected(sys: &System, gw: usize, tag: &str) {
     let (a, b) = (format!("{tag}-a"), format!("{tag}-b"));
     let mut bob = sys.connect(gw, &b, "d").await;
     bob.timeout = WAIT;
@@ -218,21 +218,21 @@ async fn others_unaffected(sys: &System, gw: usize, tag: &str) {
 
 /// The value of a gateway counter with these labels (0 when absent), e.g.
 /// `metric(text, "gateway_handshake_failures_total", "cause=\"handshake_timeout\"")`.
-fn metric(text: &str, name: &str, labels: &str) -> f64 {
+pub(crate) fn metric(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
-async fn metrics_of(url: &str) -> String {
+pub(crate) async fn metrics_of(url: &str) -> String {
     let (code, body) = testkit::http_get(url).await.expect("gateway metrics");
     assert_eq!(code, 200);
     body
 }
 
 /// Waits (bounded) until the gateway counter reaches `at_least`; returns the metrics text.
-async fn wait_metric(url: &str, name: &str, labels: &str, at_least: f64) -> String {
+pub(crate) async fn wait_metric(url: &str, name: &str, labels: &str, at_least: f64) -> String {
     let deadline = tokio::time::Instant::now() + WAIT * 2;
     loop {
         if let Ok((200, text)) = testkit::http_get(url).await {
