@@ -230,3 +230,40 @@ async fn an_unusable_certificate_or_key_stops_the_gateway_at_start() {
         }
     }
 }
+
+/// Runs `loadgen <args>` against `sys`; returns its output, panicking unless it succeeds.
+async fn loadgen(sys: &System, args: &[&str]) -> String {
+    let run = tokio::process::Command::new(testkit::bin_path("loadgen"))
+        .args(args)
+        .env("JWT_SECRET", sys.secret())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT * 2, run).await.expect("loadgen finished").expect("loadgen ran");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "loadgen {args:?} failed ({}):\n{text}", out.status);
+    text
+}
+
+#[tokio::test]
+async fn loadgen_chats_and_connects_over_wss_trusting_the_gateway_certificate() {
+    let sys = System::start_tls(1, &[]).await;
+    let gw = &sys.gateways[0];
+    let (url, metrics) = (gw.ws_url(), gw.metrics_url());
+    let ca = gw.tls_cert_path().unwrap().to_str().unwrap().to_owned();
+    let common = ["--url", &url, "--ca-file", &ca, "--metrics-url", &metrics, "--source-ips", "0", "--threads", "1"];
+
+    let mut args = vec!["chat"];
+    args.extend(common);
+    args.extend(["--users", "4", "--rate", "5", "--duration", "2s", "--grace", "10s"]);
+    let text = loadgen(&sys, &args).await;
+    assert!(text.contains("ledger: lost 0 · duplicates 0 · reordered 0"), "{text}");
+
+    // `connect` hands the CA file to its worker processes.
+    let mut args = vec!["connect"];
+    args.extend(common);
+    args.extend(["--connections", "20", "--rate", "100", "--hold", "1s", "--settle", "1s"]);
+    let text = loadgen(&sys, &args).await;
+    let metrics = metrics_of(&metrics).await;
+    let accepted = crate::hostile::metric(&metrics, "gateway_connections_accepted", "");
+    assert!(accepted >= 24.0, "connections accepted over TLS: {accepted}\n{text}");
+}
