@@ -1,5 +1,6 @@
 //! Test harness for system tests: a real `nats-server` with JetStream on a free port and its own
-//! store, the workspace's service binaries as child processes, and WebSocket clients that speak
+//! store, the workspace's service binaries as child processes (gateways plain or TLS, with a
+//! certificate generated at test time), and WebSocket clients (`ws://` or `wss://`) that speak
 //! PROTOCOL.md. Modelled on the nats.rs test crate: every test starts what it needs and everything
 //! is killed and reaped when the handles drop.
 //!
