@@ -104,7 +104,17 @@ async fn a_message_between_two_users_is_delivered_over_wss() {
     alice.send_chat_ok("c2", "bob", &big).await;
     assert_eq!(chat(&bob.recv_type("msg").await)["body"].as_str().map(str::len), Some(big.len()));
     alice.close().await;
-    bob.close().await;
+
+    // A drain reaches TLS clients too: `reconnect`, close 1001, a clean exit.
+    let mut sys = sys;
+    let (_, status) = tokio::join!(
+        async {
+            assert_eq!(bob.recv_type("reconnect").await["t"], "reconnect");
+            assert_eq!(bob.wait_closed(WAIT).await, Some(1001));
+        },
+        sys.gateways[0].terminate()
+    );
+    assert!(status.expect("the gateway exits on SIGTERM").success());
 }
 
 #[tokio::test]
