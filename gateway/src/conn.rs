@@ -24,24 +24,27 @@ use crate::executor::ExecCtx;
 use crate::handshake::{self, Request};
 use crate::outbox::Outbox;
 use crate::ratelimit::{ConnLimits, Kind};
+use crate::stream::{self, ClientStream};
 use protocol::ClientMsgId;
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<ClientStream>;
 
 /// Receipt bookkeeping per connection: how many sent-but-unacked chat items it remembers.
 const MAX_UNACKED_TRACKED: usize = 1024;
 
-pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
+pub async fn handle(ctx: Rc<ExecCtx>, tcp: TcpStream) {
     ctx.metrics.connections_accepted.inc();
-    let _ = stream.set_nodelay(true);
-    let timeout = Duration::from_secs(ctx.cfg.handshake_timeout_secs);
+    let _ = tcp.set_nodelay(true);
+    // One budget for the whole opening: the TLS handshake (if any) and the HTTP upgrade request.
+    let timer = glommio::timer::sleep(Duration::from_secs(ctx.cfg.handshake_timeout_secs)).fuse();
+    futures::pin_mut!(timer);
+    let Some(mut stream) = stream::open(&ctx, tcp, timer.as_mut()).await else { return };
     let head = {
         let read = read_head(&mut stream).fuse();
-        let timer = glommio::timer::sleep(timeout).fuse();
-        futures::pin_mut!(read, timer);
+        futures::pin_mut!(read);
         futures::select_biased! {
             r = read => Some(r),
-            _ = timer => None,
+            _ = timer.as_mut() => None,
         }
     };
     let (request, leftover) = match head {
@@ -126,7 +129,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
         ctx.metrics.handshake_failed("io_error");
         return;
     }
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(ctx.cfg.write_timeout_secs)));
+    let _ = stream.tcp().set_write_timeout(Some(Duration::from_secs(ctx.cfg.write_timeout_secs)));
     let cfg = &ctx.cfg;
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(cfg.read_buffer)
@@ -164,7 +167,7 @@ pub async fn handle(ctx: Rc<ExecCtx>, mut stream: TcpStream) {
 }
 
 /// Reads the HTTP request head (bounded in size) and returns it with any bytes after it.
-async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), &'static str> {
+async fn read_head(stream: &mut ClientStream) -> Result<(Request, Vec<u8>), &'static str> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -182,7 +185,7 @@ async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), &'stati
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, reason: &str, body: &str) -> std::io::Result<()> {
+async fn respond(stream: &mut ClientStream, status: u16, reason: &str, body: &str) -> std::io::Result<()> {
     stream.write_all(handshake::plain_response(status, reason, body).as_bytes()).await?;
     stream.close().await
 }

@@ -616,7 +616,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let keys = protocol::TokenKeys::hs256(args.gw.secret.as_bytes(), 0);
     let ttl = (args.duration + args.grace).as_secs() + 3600;
     let tokens: Vec<String> = names.iter().map(|n| keys.mint(n, Some("lg"), ttl)).collect();
-    let targets = client::resolve_all(&args.gw.urls).await?;
+    let targets = client::resolve_all(&args.gw.urls, args.gw.ca_file.as_deref()).await?;
     let peers: Vec<Vec<usize>> = (0..args.users).map(|i| args.layout.peers(i, args.users)).collect();
 
     let metrics_before = scrape::scrape_all(&args.gw.metrics_urls).await;

@@ -59,7 +59,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     }
     util::raise_nofile();
     let started = SystemTime::now();
-    let targets = client::resolve_all(&a.gw.urls).await?;
+    let targets = client::resolve_all(&a.gw.urls, a.gw.ca_file.as_deref()).await?;
     let keys = TokenKeys::hs256(a.gw.secret.as_bytes(), 0);
     let prefix = util::run_tag();
     let users: Vec<String> = (0..a.members).map(|i| format!("{prefix}-g{i}")).collect();
