@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 mod client;
 mod hist;
 mod ledger;
+mod plot;
 mod report;
 mod scenario;
 mod scrape;
@@ -27,7 +28,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// Write `<scenario>-<timestamp>.json` (every figure, the machine, the command line, the git
-    /// commit) and a Markdown summary `<scenario>-<timestamp>.md` into this directory.
+    /// commit), a Markdown summary `<scenario>-<timestamp>.md` and a latency percentile plot
+    /// `<scenario>-<timestamp>.svg` into this directory.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Runtime worker threads (default: the number of CPUs).
