@@ -14,7 +14,7 @@ const W: f64 = 760.0;
 /// The plot area's height; the legend goes below it, one line per series.
 const PLOT_H: f64 = 340.0;
 const LEFT: f64 = 78.0;
-const RIGHT: f64 = 20.0;
+const RIGHT: f64 = 40.0;
 const TOP: f64 = 40.0;
 /// Below the plot area: tick labels and the axis title.
 const AXIS_H: f64 = 50.0;
