@@ -13,6 +13,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
@@ -206,14 +207,17 @@ pub async fn open(
     }
 }
 
-async fn open_inner(
+/// TCP connect (from `source`, when given) to `target` and the authenticated WebSocket upgrade
+/// of `url` (the target's URL, possibly with query parameters such as `since`). Returns the
+/// socket and the TCP connect time in microseconds since `started`.
+pub async fn upgrade(
     target: &Target,
+    url: &str,
     token: &str,
     source: Option<Ipv4Addr>,
     config: WebSocketConfig,
     started: Instant,
-) -> Result<Opened, Fail> {
-    let mut t = Timings::default();
+) -> Result<(Ws, u64), Fail> {
     let sock = TcpSocket::new_v4().map_err(|e| Fail::new(io_cause("socket", &e), e.to_string()))?;
     if let Some(ip) = source {
         // Choose the port at connect() time, per destination, not at bind() time: otherwise
@@ -234,9 +238,9 @@ async fn open_inner(
     }
     let stream = sock.connect(target.addr).await.map_err(|e| Fail::new(io_cause("tcp", &e), e.to_string()))?;
     let _ = stream.set_nodelay(true);
-    t.tcp_us = started.elapsed().as_micros() as u64;
+    let tcp_us = started.elapsed().as_micros() as u64;
 
-    let mut req = target.url.as_str().into_client_request().map_err(|e| Fail::new("bad_url", e.to_string()))?;
+    let mut req = url.into_client_request().map_err(|e| Fail::new("bad_url", e.to_string()))?;
     req.headers_mut().insert(
         "authorization",
         format!("Bearer {token}").parse().map_err(|_| Fail::new("bad_token", "token is not a valid header value"))?,
@@ -245,9 +249,22 @@ async fn open_inner(
         Some(tls) => Connector::Rustls(tls.clone()),
         None => Connector::Plain,
     };
-    let (mut ws, _resp) = tokio_tungstenite::client_async_tls_with_config(req, stream, Some(config), Some(connector))
+    let (ws, _resp) = tokio_tungstenite::client_async_tls_with_config(req, stream, Some(config), Some(connector))
         .await
         .map_err(|e| upgrade_fail(&e))?;
+    Ok((ws, tcp_us))
+}
+
+async fn open_inner(
+    target: &Target,
+    token: &str,
+    source: Option<Ipv4Addr>,
+    config: WebSocketConfig,
+    started: Instant,
+) -> Result<Opened, Fail> {
+    let mut t = Timings::default();
+    let (mut ws, tcp_us) = upgrade(target, &target.url, token, source, config, started).await?;
+    t.tcp_us = tcp_us;
     t.upgrade_us = started.elapsed().as_micros() as u64;
 
     let mut heartbeat_ms = 30_000;
@@ -303,6 +320,8 @@ pub fn ws_fail(stage: &str, e: &WsError) -> Fail {
     let cause = match e {
         WsError::Io(io) => io_cause(stage, io),
         WsError::ConnectionClosed | WsError::AlreadyClosed => format!("{stage}_closed"),
+        // The peer's TCP connection ended without a close frame: a killed or vanished server.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => format!("{stage}_reset_without_close"),
         WsError::Protocol(_) => format!("{stage}_protocol"),
         WsError::Capacity(_) => format!("{stage}_capacity"),
         WsError::Http(r) => format!("http_{}", r.status().as_u16()),
@@ -328,6 +347,8 @@ pub struct Frame<'a> {
     pub dup: Option<bool>,
     #[serde(default)]
     pub heartbeat_ms: Option<u64>,
+    #[serde(default)]
+    pub resume_from: Option<u64>,
     #[serde(default, borrow)]
     pub code: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
@@ -363,6 +384,12 @@ impl<'a> Frame<'a> {
 }
 
 pub const PING: &str = r#"{"t":"ping"}"#;
+
+/// `url` with `key=value` added to its query string.
+pub fn with_query(url: &str, key: &str, value: impl std::fmt::Display) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{key}={value}")
+}
 
 pub fn ack_frame(seq: u64) -> String {
     format!(r#"{{"t":"ack","seq":{seq}}}"#)
@@ -418,5 +445,13 @@ mod tests {
         let f = Frame::parse(r#"{"t":"error","code":"bad_json","msg":"x \"y\""}"#).unwrap();
         assert_eq!(f.msg.as_deref(), Some("x \"y\""));
         assert!(Frame::parse(r#"{"t":"future","whatever":{"a":1}}"#).is_ok());
+        let f = Frame::parse(r#"{"t":"hello","user":"u","heartbeat_ms":30000,"resume_from":41}"#).unwrap();
+        assert_eq!((f.heartbeat_ms, f.resume_from), (Some(30000), Some(41)));
+    }
+
+    #[test]
+    fn query_parameters() {
+        assert_eq!(with_query("ws://h:1/ws", "since", 7), "ws://h:1/ws?since=7");
+        assert_eq!(with_query("ws://h:1/ws?device=a", "since", 7), "ws://h:1/ws?device=a&since=7");
     }
 }

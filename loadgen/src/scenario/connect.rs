@@ -784,9 +784,14 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     md.push_str(&hist::md_row("→ 101 upgrade", &h_up));
     md.push_str(&hist::md_row("→ hello", &h_hello));
     md.push_str(&hist::md_row("→ synced", &h_synced));
-    report::finish(
+    let plot = report::Plot {
+        title: "connect: handshake latency from the start of the TCP connect".into(),
+        series: vec![("TCP connect", &h_tcp), ("→ 101 upgrade", &h_up), ("→ hello", &h_hello), ("→ synced", &h_synced)],
+    };
+    report::finish_plot(
         args.run.out.as_deref(),
         &Output { scenario: "connect", started, config, results: results_json, markdown: md, human },
+        Some(&plot),
     )?;
     if !fatal.is_empty() {
         for f in &fatal {

@@ -281,6 +281,18 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         "urls": a.gw.urls, "members": a.members, "messages": a.messages, "rate": a.rate,
         "grace_s": a.grace.as_secs_f64(), "body": a.body,
     });
-    report::finish(a.run.out.as_deref(), &Output { scenario: "group", started, config, results, markdown, human })?;
+    let plot = report::Plot {
+        title: format!("group: {} members, latency from the scheduled send", a.members),
+        series: vec![
+            ("send → last member", &to_last),
+            ("send → first member", &to_first),
+            ("send → each delivery", &s.deliveries),
+        ],
+    };
+    report::finish_plot(
+        a.run.out.as_deref(),
+        &Output { scenario: "group", started, config, results, markdown, human },
+        Some(&plot),
+    )?;
     Ok(if ok { 0 } else { 1 })
 }
