@@ -10,13 +10,22 @@
 #      baseline  raw JetStream publish (INBOX-like scratch stream) + publish→republish round trip
 #      chat      100 users in pairs at max rate (closed loop, window $CHAT_WINDOW per connection)
 #      chat      the same users, open loop at half the delivered rate the max run reached
+#      offline   $OFFLINE_SENDERS senders fill the inboxes of $OFFLINE_RECIPIENTS offline recipients
+#                ($OFFLINE_MESSAGES messages per sender), then the recipients connect at once
+#                and drain
+#      storm     $STORM_CLIENTS clients receiving from $STORM_SENDERS senders; loadgen resets every
+#                client socket at once; the clients reconnect with backoff and drain
+#      storm     the same, but the gateway is killed (SIGKILL) and started again
 #      connect   10,000 authenticated idle connections, against a freshly restarted gateway so
 #                that its RSS before the ramp is a clean 0-connection baseline
+#    and a latency plot (<scenario>-<timestamp>.svg) next to each;
 # 4. stops everything it started and keeps the services' logs in <out>/logs-<timestamp>/.
 #
 # Environment overrides: NATS_SERVER (path to nats-server), CHAT_USERS (100), CHAT_WINDOW (32),
 # CHAT_DURATION (30s), BASELINE_DURATION (15s), CONNECTIONS (10000), CONNECT_RATE (1000),
-# HOLD (30s), GATEWAY_CORES (2), QUIET_PCT (20), MAX_OTHER_PCT (10), ATTEMPTS (3), GATEWAY_FLAGS (extra gateway flags, default
+# HOLD (30s), OFFLINE_RECIPIENTS (1000), OFFLINE_SENDERS (100), OFFLINE_MESSAGES (1000),
+# STORM_CLIENTS (5000), STORM_SENDERS (20), STORM_RATE (25 msg/s per sender), STORM_BEFORE (10s),
+# STORM_AFTER (10s), GATEWAY_CORES (2), QUIET_PCT (20), MAX_OTHER_PCT (10), ATTEMPTS (3), GATEWAY_FLAGS (extra gateway flags, default
 # "--messages-per-sec 0 --user-messages-per-sec 0": the gateway's per-connection and per-user
 # send limits, 50 and 100 msg/s by default, would otherwise cap 100 users at 5,000 msg/s and the
 # max-rate run would measure the policy, not the system), WAIT_QUIET (1: before each measurement wait until other processes leave the machine
@@ -51,11 +60,21 @@ BASELINE_DURATION="${BASELINE_DURATION:-15s}"
 CONNECTIONS="${CONNECTIONS:-10000}"
 CONNECT_RATE="${CONNECT_RATE:-1000}"
 HOLD="${HOLD:-30s}"
+OFFLINE_RECIPIENTS="${OFFLINE_RECIPIENTS:-1000}"
+OFFLINE_SENDERS="${OFFLINE_SENDERS:-100}"
+OFFLINE_MESSAGES="${OFFLINE_MESSAGES:-1000}"
+STORM_CLIENTS="${STORM_CLIENTS:-5000}"
+STORM_SENDERS="${STORM_SENDERS:-20}"
+STORM_RATE="${STORM_RATE:-25}"
+STORM_BEFORE="${STORM_BEFORE:-10s}"
+STORM_AFTER="${STORM_AFTER:-10s}"
 GATEWAY_CORES="${GATEWAY_CORES:-2}"
 GATEWAY_FLAGS="${GATEWAY_FLAGS---messages-per-sec 0 --user-messages-per-sec 0}"
 WAIT_QUIET="${WAIT_QUIET:-1}"
 if [[ $quick == 1 ]]; then
     CHAT_DURATION=5s BASELINE_DURATION=3s CONNECTIONS=1000 HOLD=5s
+    OFFLINE_RECIPIENTS=100 OFFLINE_SENDERS=20 OFFLINE_MESSAGES=100
+    STORM_CLIENTS=500 STORM_BEFORE=3s STORM_AFTER=3s
 fi
 
 log() { printf '[run-all %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -132,7 +151,8 @@ stop_pid() {
     fi
 }
 cleanup() {
-    stop_pid "$gw_pid" gateway
+    # The storm scenario may have restarted the gateway: its pid is in the pid file.
+    stop_pid "$(cat "$work/gateway.pid" 2>/dev/null || echo "$gw_pid")" gateway
     stop_pid "$storage_pid" storage
     stop_pid "$nats_pid" nats-server
     rm -rf "$work"
@@ -188,11 +208,29 @@ wait_quiet() {
     log "machine quiet (${pct}% busy over 3 s); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
+# The gateway is started by a script that records its pid in $work/gateway.pid. The storm
+# scenario runs it as its --restart-cmd after killing the gateway with kill-gateway.sh (its
+# --kill-cmd), which first records the CPU seconds the gateway had used, so that the CPU
+# accounting spans both lives. JWT_SECRET reaches the gateway through the environment.
+cat >"$work/start-gateway.sh" <<START
+#!/usr/bin/env bash
+ulimit -n "\$(ulimit -Hn)"
+"$work/gateway" --listen "127.0.0.1:$gw_port" --metrics-addr "127.0.0.1:$gw_metrics" \\
+    --nats-url "$nats_url" --cores "$GATEWAY_CORES" $GATEWAY_FLAGS >>"$logs/gateway.log" 2>&1 </dev/null &
+echo \$! >"$work/gateway.pid"
+START
+cat >"$work/kill-gateway.sh" <<KILL
+#!/usr/bin/env bash
+set -e
+pid="\$(cat "$work/gateway.pid")"
+awk -v hz="\$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); print (\$12 + \$13) / hz }' "/proc/\$pid/stat" >"$work/gateway.cpu_at_kill"
+kill -KILL "\$pid"
+KILL
+chmod +x "$work/start-gateway.sh" "$work/kill-gateway.sh"
+
 start_gateway() {
-    ulimit -n "$(ulimit -Hn)"
-    "$work/gateway" --listen "127.0.0.1:$gw_port" --metrics-addr "127.0.0.1:$gw_metrics" \
-        --nats-url "$nats_url" --cores "$GATEWAY_CORES" $GATEWAY_FLAGS >>"$logs/gateway.log" 2>&1 &
-    gw_pid=$!
+    "$work/start-gateway.sh"
+    gw_pid="$(cat "$work/gateway.pid")"
     wait_http "http://127.0.0.1:$gw_metrics/readyz" gateway
     log "gateway ready (pid $gw_pid) on $ws_url, metrics $metrics_url, flags: --cores $GATEWAY_CORES $GATEWAY_FLAGS"
 }
@@ -224,9 +262,21 @@ run_loadgen() { # name args... — runs once more (up to ATTEMPTS) when other pr
         rc=0
         t0="$(date +%s.%N)"; b0="$(busy_ticks)"; children_cpu; l0="$CHILD_CPU"
         n0="$(cpu_seconds "$nats_pid")"; s0="$(cpu_seconds "$storage_pid")"; g0="$(cpu_seconds "$gw_pid")"
+        rm -f "$work/gateway.cpu_at_kill"
         loadgen "$@" --out "$out" | tee "$logs/$name.out" || rc=$?
         t1="$(date +%s.%N)"; b1="$(busy_ticks)"; children_cpu; l1="$CHILD_CPU"
-        n1="$(cpu_seconds "$nats_pid")"; s1="$(cpu_seconds "$storage_pid")"; g1="$(cpu_seconds "$gw_pid")"
+        n1="$(cpu_seconds "$nats_pid")"; s1="$(cpu_seconds "$storage_pid")"
+        if [[ "$(cat "$work/gateway.pid")" != "$gw_pid" ]]; then
+            # Killed and started again during the run (storm): its first life up to the kill,
+            # plus the new one so far.
+            gw_pid="$(cat "$work/gateway.pid")"
+            wait_http "http://127.0.0.1:$gw_metrics/readyz" gateway
+            g1="$(awk -v k="$(cat "$work/gateway.cpu_at_kill" 2>/dev/null || echo "$g0")" \
+                -v n="$(cpu_seconds "$gw_pid")" 'BEGIN { print k + n }')"
+            log "the gateway was restarted during $name (pid now $gw_pid)"
+        else
+            g1="$(cpu_seconds "$gw_pid")"
+        fi
         row="$(awk -v t0="$t0" -v t1="$t1" -v hz="$hz" -v ncpu="$ncpu" -v b0="$b0" -v b1="$b1" \
             -v n0="$n0" -v n1="$n1" -v s0="$s0" -v s1="$s1" -v g0="$g0" -v g1="$g1" -v l0="$l0" -v l1="$l1" 'BEGIN {
                 busy = (b1 - b0) / hz; dn = n1 - n0; ds = s1 - s0; dg = g1 - g0; dl = l1 - l0;
@@ -238,7 +288,8 @@ run_loadgen() { # name args... — runs once more (up to ATTEMPTS) when other pr
         if [[ $other_pct -gt $MAX_OTHER_PCT && $attempt -lt $ATTEMPTS ]]; then
             printf '%s\t%s\tno\t%s\n' "$name" "$attempt" "$row" >>"$logs/cpu-accounting.tsv"
             mkdir -p "$logs/discarded"
-            files="$(sed -n 's/^results: \(.*\.json\) and \(.*\.md\)$/\1 \2/p' "$logs/$name.out")"
+            files="$(sed -n -e 's/^results: \(.*\.json\) and \(.*\.md\)$/\1 \2/p' \
+                -e 's/^plot: \(.*\.svg\)$/\1/p' "$logs/$name.out")"
             # shellcheck disable=SC2086
             [[ -z "$files" ]] || mv $files "$logs/discarded/"
             cp "$logs/$name.out" "$logs/discarded/$name-attempt$attempt.out"
@@ -265,6 +316,18 @@ log "max delivered rate $(jq -r '.results.throughput.delivered_per_s | floor' "$
 
 run_loadgen chat-half chat --url "$ws_url" --metrics-url "$metrics_url" --users "$CHAT_USERS" \
     --total-rate "$half" --duration "$CHAT_DURATION" --baseline "$baseline_json"
+
+run_loadgen offline offline --url "$ws_url" --metrics-url "$metrics_url" \
+    --recipients "$OFFLINE_RECIPIENTS" --senders "$OFFLINE_SENDERS" --messages "$OFFLINE_MESSAGES"
+
+run_loadgen storm-reset storm --url "$ws_url" --metrics-url "$metrics_url" --clients "$STORM_CLIENTS" \
+    --senders "$STORM_SENDERS" --rate "$STORM_RATE" --connect-rate 1000 \
+    --before "$STORM_BEFORE" --after "$STORM_AFTER"
+
+run_loadgen storm-kill storm --url "$ws_url" --metrics-url "$metrics_url" --clients "$STORM_CLIENTS" \
+    --senders "$STORM_SENDERS" --rate "$STORM_RATE" --connect-rate 1000 \
+    --before "$STORM_BEFORE" --after "$STORM_AFTER" \
+    --kill-cmd "$work/kill-gateway.sh" --restart-cmd "$work/start-gateway.sh"
 
 log "restarting the gateway for a clean memory baseline"
 stop_pid "$gw_pid" gateway

@@ -2,7 +2,7 @@
 //! the environment, never from the command line.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -19,6 +19,13 @@ pub struct Config {
     /// Address of the WebSocket listener (one SO_REUSEPORT socket per executor).
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// PEM certificate chain (the server's certificate first, then intermediates) for TLS on the
+    /// WebSocket listener: clients then connect with wss://. Needs --tls-key. Read at start-up.
+    #[arg(long, env = "GATEWAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "GATEWAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Address of the Prometheus metrics and health endpoints.
     #[arg(long, env = "GATEWAY_METRICS_ADDR", default_value = "127.0.0.1:9101")]
     pub metrics_addr: SocketAddr,
@@ -53,7 +60,7 @@ pub struct Config {
     /// Close a connection silent for this long (no frame, no ping).
     #[arg(long, env = "GATEWAY_HEARTBEAT_TIMEOUT_SECS", default_value_t = 30)]
     pub heartbeat_timeout_secs: u64,
-    /// Time a client has to complete the HTTP upgrade.
+    /// Time a client has to complete the TLS handshake (with --tls-cert) and the HTTP upgrade.
     #[arg(long, env = "GATEWAY_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
     pub handshake_timeout_secs: u64,
     /// Close a connection whose socket accepts no bytes for this long (a client that never reads).
@@ -125,6 +132,9 @@ impl Config {
         if cfg.max_body + 1024 > cfg.max_frame {
             bail!("--max-frame must exceed --max-body by at least 1 KiB of framing");
         }
+        if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
+            bail!("--tls-cert and --tls-key (GATEWAY_TLS_CERT, GATEWAY_TLS_KEY) go together: give both or neither");
+        }
         let keys = match &cfg.jwt_public_key_file {
             Some(p) => {
                 let pem = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
@@ -162,6 +172,11 @@ impl Config {
             typing_per_sec: self.user_typing_per_sec,
             max_connections: self.max_connections_per_user,
         }
+    }
+
+    /// The certificate chain and key files when the listener speaks TLS.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
     }
 
     pub fn heartbeat_timeout(&self) -> Duration {

@@ -21,10 +21,11 @@ use crate::executor::ExecCtx;
 use crate::handshake::{self, Request};
 use crate::outbox::Outbox;
 use crate::ratelimit::{ConnLimits, Kind};
+use crate::stream::{self, ClientStream};
 use crate::wsio::{Message, ReadError, WsIo};
 use protocol::ClientMsgId;
 
-type Ws = WsIo<TcpStream>;
+type Ws = WsIo<ClientStream>;
 
 /// Receipt bookkeeping per connection: how many sent-but-unacked chat items it remembers.
 const MAX_UNACKED_TRACKED: usize = 1024;
@@ -35,24 +36,27 @@ const MAX_UNACKED_TRACKED: usize = 1024;
 /// idle session is what a million connections multiply: the handshake and every step that is
 /// not waiting run in their own short-lived allocations (`Box::pin`), and the task itself keeps
 /// only the session and its idle wait (the size is logged at start-up, see executor.rs).
-pub async fn handle(ctx: Rc<ExecCtx>, stream: TcpStream) {
-    let Some((mut session, since)) = Box::pin(accept(ctx, stream)).await else { return };
+pub async fn handle(ctx: Rc<ExecCtx>, tcp: TcpStream) {
+    let Some((mut session, since)) = Box::pin(accept(ctx, tcp)).await else { return };
     let reason = session.run(since).await;
     session.finish(reason);
 }
 
-/// The HTTP upgrade: request head, policy and authentication, limits; the session on success.
-async fn accept(ctx: Rc<ExecCtx>, mut stream: TcpStream) -> Option<(Session, u64)> {
+/// TLS if configured, the HTTP upgrade: request head, policy and authentication, limits; the
+/// session on success.
+async fn accept(ctx: Rc<ExecCtx>, tcp: TcpStream) -> Option<(Session, u64)> {
     ctx.metrics.connections_accepted.inc();
-    let _ = stream.set_nodelay(true);
-    let timeout = Duration::from_secs(ctx.cfg.handshake_timeout_secs);
+    let _ = tcp.set_nodelay(true);
+    // One budget for the whole opening: the TLS handshake (if any) and the HTTP upgrade request.
+    let timer = glommio::timer::sleep(Duration::from_secs(ctx.cfg.handshake_timeout_secs)).fuse();
+    futures::pin_mut!(timer);
+    let Some(mut stream) = stream::open(&ctx, tcp, timer.as_mut()).await else { return None };
     let head = {
         let read = read_head(&mut stream).fuse();
-        let timer = glommio::timer::sleep(timeout).fuse();
-        futures::pin_mut!(read, timer);
+        futures::pin_mut!(read);
         futures::select_biased! {
             r = read => Some(r),
-            _ = timer => None,
+            _ = timer.as_mut() => None,
         }
     };
     let (request, leftover) = match head {
@@ -137,7 +141,7 @@ async fn accept(ctx: Rc<ExecCtx>, mut stream: TcpStream) -> Option<(Session, u64
         ctx.metrics.handshake_failed("io_error");
         return None;
     }
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(ctx.cfg.write_timeout_secs)));
+    let _ = stream.tcp().set_write_timeout(Some(Duration::from_secs(ctx.cfg.write_timeout_secs)));
     let limits = wscodec::Limits { max_frame: ctx.cfg.max_frame, max_message: ctx.cfg.max_frame };
     let ws = WsIo::new(stream, limits, leftover);
 
@@ -161,7 +165,7 @@ async fn accept(ctx: Rc<ExecCtx>, mut stream: TcpStream) -> Option<(Session, u64
 }
 
 /// Reads the HTTP request head (bounded in size) and returns it with any bytes after it.
-async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), &'static str> {
+async fn read_head(stream: &mut ClientStream) -> Result<(Request, Vec<u8>), &'static str> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -179,7 +183,7 @@ async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), &'stati
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, reason: &str, body: &str) -> std::io::Result<()> {
+async fn respond(stream: &mut ClientStream, status: u16, reason: &str, body: &str) -> std::io::Result<()> {
     stream.write_all(handshake::plain_response(status, reason, body).as_bytes()).await?;
     stream.close().await
 }

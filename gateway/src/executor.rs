@@ -28,6 +28,8 @@ pub struct ExecCtx {
     pub revocations: Arc<crate::revocation::Revocations>,
     /// Per-user limits, shared by every executor of this process.
     pub user_limits: Arc<crate::user_limits::UserLimits>,
+    /// The TLS server side, when the listener has a certificate.
+    pub tls: Option<futures_rustls::TlsAcceptor>,
     /// Connections by user, for live dispatch.
     sessions: RefCell<FxHashMap<UserId, Vec<Rc<Outbox>>>>,
     /// Connections watching a user's presence (`presence_sub`).
@@ -146,7 +148,7 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>, ready: Ar
             std::process::exit(1);
         }
     };
-    tracing::info!(executor = ctx.id, addr = %ctx.cfg.listen, "listening");
+    tracing::info!(executor = ctx.id, addr = %ctx.cfg.listen, tls = ctx.tls.is_some(), "listening");
     ready.listening();
     let mut task_size_logged = false;
     loop {
@@ -227,10 +229,17 @@ impl ExecCtx {
             limits,
             revocations,
             user_limits,
+            tls: None,
             sessions: RefCell::new(FxHashMap::default()),
             watchers: RefCell::new(FxHashMap::default()),
             draining: Cell::new(false),
             inflight: Cell::new(0),
         }
+    }
+
+    /// Serve TLS with this configuration (shared by every executor).
+    pub fn with_tls(mut self, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        self.tls = tls.map(futures_rustls::TlsAcceptor::from);
+        self
     }
 }

@@ -19,6 +19,8 @@ mod presence;
 mod ratelimit;
 mod readiness;
 mod revocation;
+mod stream;
+mod tls;
 mod user_limits;
 mod web;
 mod wsio;
@@ -31,6 +33,11 @@ fn main() -> anyhow::Result<()> {
     telemetry::apply_config_file()?;
     telemetry::init_logging("gateway");
     let (cfg, keys) = config::Config::load()?;
+    // Before anything connects: a gateway with an unusable certificate exits at once, saying why.
+    let tls = match cfg.tls_files() {
+        Some((cert, key)) => Some(tls::server_config(cert, key)?),
+        None => None,
+    };
     let cfg = Arc::new(cfg);
     let gateway_id: Arc<str> = cfg.gateway_id.clone().unwrap_or_else(|| format!("gw-{:08x}", rand_u32())).into();
     let keys = Arc::new(keys);
@@ -66,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut handles = Vec::new();
     for (id, events) in exec_events.into_iter().enumerate() {
-        let (cfg, keys, bridge, metrics, gateway_id, ready, revocations, user_limits) = (
+        let (cfg, keys, bridge, metrics, gateway_id, ready, revocations, user_limits, tls) = (
             cfg.clone(),
             keys.clone(),
             bridge.clone(),
@@ -75,28 +82,23 @@ fn main() -> anyhow::Result<()> {
             ready.clone(),
             revocations.clone(),
             user_limits.clone(),
+            tls.clone(),
         );
         let placement = if cores <= online { Placement::Fixed(id) } else { Placement::Unbound };
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("gateway-{id}"))
             .io_memory(cfg.io_memory)
             .spawn(move || async move {
-                let ctx = Rc::new(executor::ExecCtx::new(
-                    id,
-                    cfg,
-                    keys,
-                    bridge,
-                    metrics,
-                    gateway_id,
-                    revocations,
-                    user_limits,
-                ));
+                let ctx = Rc::new(
+                    executor::ExecCtx::new(id, cfg, keys, bridge, metrics, gateway_id, revocations, user_limits)
+                        .with_tls(tls),
+                );
                 executor::run(ctx, events, ready).await
             })
             .map_err(|e| anyhow::anyhow!("starting executor {id}: {e}"))?;
         handles.push(h);
     }
-    tracing::info!(gateway = %gateway_id, listen = %cfg.listen, metrics = %cfg.metrics_addr, executors = cores, "gateway serving");
+    tracing::info!(gateway = %gateway_id, listen = %cfg.listen, tls = tls.is_some(), metrics = %cfg.metrics_addr, executors = cores, "gateway serving");
 
     wait_for_signal()?;
     tracing::info!("draining");

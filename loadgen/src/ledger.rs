@@ -3,6 +3,13 @@
 //! number. After the run the ledger checks that every message acknowledged as `sent` reached its
 //! recipient exactly once, in per-sender order, and nowhere else.
 //!
+//! Receivers that reconnect (`offline`, `storm`) filter what the server sends the way
+//! PROTOCOL.md asks of clients: an item whose `seq` they already hold is dropped (the server
+//! may resend what was not acknowledged: allowed, counted as `redelivered`), and a chat message
+//! whose `(from, id)` they already hold is dropped too (the same message stored twice under a
+//! new `seq`: counted as `duplicates`, a violation of the send deduplication). What is left is
+//! what the app would show; that is what `lost`, `reordered` and `misdelivered` judge.
+//!
 //! Nothing is shared while the run is hot: each connection keeps its own records, and the check
 //! joins them at the end.
 
@@ -84,10 +91,16 @@ pub struct ReceiverBook {
     from: FxHashMap<u32, FromSender>,
     /// A message arrived after a later message of the same sender.
     pub reordered: u64,
-    /// Inbox items whose `seq` was not above the previous item's (the same item delivered
-    /// again, or inbox order broken). These are not entered a second time.
+    /// Inbox items whose `seq` was not above the previous item's on the same connection (inbox
+    /// order broken, or an item sent twice on one connection). These are not entered again.
     pub seq_regressions: u64,
+    /// Items, on a new connection, whose `seq` this receiver already held: resent by the server
+    /// after a reconnect because they had not been acknowledged. Allowed; dropped by `seq`.
+    pub redelivered: u64,
+    /// Highest inbox sequence held (over all connections).
     last_inbox_seq: u64,
+    /// Highest inbox sequence received on the current connection.
+    conn_seq: u64,
     /// Chat items whose sender or body loadgen could not read.
     pub unreadable: u64,
 }
@@ -100,10 +113,26 @@ pub enum Arrival {
 }
 
 impl ReceiverBook {
-    /// Records the inbox sequence of any item (chat or receipt); false when it did not advance.
+    /// A new connection starts: its items may repeat what earlier connections delivered.
+    pub fn new_connection(&mut self) {
+        self.conn_seq = 0;
+    }
+
+    /// The highest inbox sequence held: what to `ack`, and the `since` of a reconnect.
+    pub fn held(&self) -> u64 {
+        self.last_inbox_seq
+    }
+
+    /// Records the inbox sequence of any item (chat or receipt); false when the item is not new
+    /// (a regression on this connection, or a redelivery of a held item after a reconnect).
     pub fn inbox_seq(&mut self, seq: u64) -> bool {
-        if seq <= self.last_inbox_seq {
+        if seq <= self.conn_seq {
             self.seq_regressions += 1;
+            return false;
+        }
+        self.conn_seq = seq;
+        if seq <= self.last_inbox_seq {
+            self.redelivered += 1;
             return false;
         }
         self.last_inbox_seq = seq;
@@ -153,9 +182,13 @@ pub struct Check {
     pub duplicates: u64,
     /// Deliveries out of per-sender order. A violation.
     pub reordered: u64,
-    /// Inbox items re-sent with a sequence not above the last one. A violation (no client
-    /// reconnects during a run, so the protocol allows none).
+    /// Inbox items sent on one connection with a sequence not above the previous one. A
+    /// violation (items of one inbox arrive in `seq` order).
     pub seq_regressions: u64,
+    /// Items resent after a reconnect with a `seq` the receiver already held (not yet
+    /// acknowledged when the connection ended). Allowed: at-least-once delivery, dropped by
+    /// `seq` on the client.
+    pub redelivered: u64,
     /// Delivered to a user who was not the recipient. A violation.
     pub misdelivered: u64,
     /// Delivered but never issued by that sender. A violation.
@@ -229,6 +262,7 @@ pub fn check(
     for (r, book) in receivers.iter().enumerate() {
         c.reordered += book.reordered;
         c.seq_regressions += book.seq_regressions;
+        c.redelivered += book.redelivered;
         c.unreadable += book.unreadable;
         for (&s, f) in &book.from {
             for (seq, &n) in f.counts.iter().enumerate() {

@@ -5,6 +5,8 @@
 //! * `connect`   — connection capacity: handshake latency and gateway memory per connection.
 //! * `baseline`  — the backbone's own limit: raw JetStream publish rate (and round trip).
 //! * `group`     — a 1024-member group: send to the last member, fan-out rate, with a ledger.
+//! * `offline`   — inboxes fill while recipients are offline, then they connect and drain.
+//! * `storm`     — every connection drops at once; clients reconnect with backoff and drain.
 
 use std::path::PathBuf;
 
@@ -13,12 +15,14 @@ use clap::{Parser, Subcommand};
 mod client;
 mod hist;
 mod ledger;
+mod plot;
 mod report;
 mod scenario;
 mod scrape;
+mod session;
 mod util;
 
-use scenario::{baseline, chat, connect, group};
+use scenario::{baseline, chat, connect, group, offline, storm};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -27,7 +31,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// Write `<scenario>-<timestamp>.json` (every figure, the machine, the command line, the git
-    /// commit) and a Markdown summary `<scenario>-<timestamp>.md` into this directory.
+    /// commit), a Markdown summary `<scenario>-<timestamp>.md` and a latency percentile plot
+    /// `<scenario>-<timestamp>.svg` into this directory.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Runtime worker threads (default: the number of CPUs).
@@ -77,6 +82,19 @@ enum Cmd {
     /// Raw JetStream publish throughput with async acks to a scratch stream configured like
     /// INBOX: the backbone's own limit, which chat results are stated against.
     Baseline(baseline::Args),
+    /// Messages pile up in the inboxes of offline recipients (senders send N each, every send
+    /// acknowledged), then the recipients connect, all at once or at a rate, and drain: drain
+    /// rate, time to empty per recipient and overall, connect → synced, a recheck that nothing
+    /// comes again after the acks, and the ledger (exit 1 on loss, duplicates or reordering).
+    #[command(after_help = offline::HELP)]
+    Offline(offline::Args),
+    /// A reconnect storm: many clients receiving while senders send; every connection drops at
+    /// once (loadgen resets the sockets, or --gateway-pid / --kill-cmd kill a gateway,
+    /// --restart-cmd starts it again); clients come back with jittered exponential backoff
+    /// (--backoff-base/-cap/-jitter) and drain from since/cursor. Time until all are back,
+    /// attempts and failures by cause, and the ledger (exit 1 on loss, duplicates, reordering).
+    #[command(after_help = storm::HELP)]
+    Storm(storm::Args),
     /// Internal: one process of `connect` (spawned by it).
     #[command(hide = true)]
     ConnectWorker {
@@ -94,6 +112,8 @@ fn main() {
         Cmd::Connect(_) => 1,
         Cmd::Baseline(a) => a.run.threads(),
         Cmd::Group(a) => a.run.threads(),
+        Cmd::Offline(a) => a.run.threads(),
+        Cmd::Storm(a) => a.run.threads(),
         Cmd::ConnectWorker { threads, .. } => threads.unwrap_or(1).max(1),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
@@ -109,6 +129,8 @@ fn main() {
             Cmd::Connect(a) => connect::run(a).await,
             Cmd::Baseline(a) => baseline::run(a).await,
             Cmd::Group(a) => group::run(a).await,
+            Cmd::Offline(a) => offline::run(a).await,
+            Cmd::Storm(a) => storm::run(a).await,
             Cmd::ConnectWorker { args, .. } => connect::worker(args).await,
         }
     });

@@ -147,14 +147,27 @@ pub fn git() -> Value {
     })
 }
 
-/// Builds the full JSON document and Markdown, writes both into `out` (when given), and returns
-/// their paths.
-pub fn write(out: Option<&Path>, o: &Output) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+/// A latency plot to write next to the results: named histograms on one percentile chart.
+pub struct Plot<'a> {
+    pub title: String,
+    pub series: Vec<(&'a str, &'a crate::hist::Hist)>,
+}
+
+/// The files a run wrote.
+pub struct Written {
+    pub json: PathBuf,
+    pub markdown: PathBuf,
+    pub plot: Option<PathBuf>,
+}
+
+/// Builds the full JSON document and Markdown, writes both into `out` (when given) with the
+/// latency plot as `<scenario>-<timestamp>.svg` (linked from the Markdown), and returns the paths.
+pub fn write(out: Option<&Path>, o: &Output, plot: Option<&Plot>) -> anyhow::Result<Option<Written>> {
     let (stamp, iso) = crate::util::utc_stamp(o.started);
     let machine = machine();
     let git = git();
     let command = command_line();
-    let doc = json!({
+    let mut doc = json!({
         "scenario": o.scenario,
         "started_at": iso,
         "finished_at": crate::util::utc_stamp(SystemTime::now()).1,
@@ -169,6 +182,11 @@ pub fn write(out: Option<&Path>, o: &Output) -> anyhow::Result<Option<(PathBuf, 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let json_path = dir.join(format!("{}-{stamp}.json", o.scenario));
     let md_path = dir.join(format!("{}-{stamp}.md", o.scenario));
+    let svg = plot.and_then(|p| crate::plot::svg(&p.title, &p.series));
+    let svg_path = svg.as_ref().map(|_| dir.join(format!("{}-{stamp}.svg", o.scenario)));
+    if let Some(p) = &svg_path {
+        doc["latency_plot"] = json!(file_name(p));
+    }
     let mut md = String::new();
     md.push_str(&format!("# loadgen {} — {iso}\n\n", o.scenario));
     md.push_str(&format!(
@@ -178,20 +196,44 @@ pub fn write(out: Option<&Path>, o: &Output) -> anyhow::Result<Option<(PathBuf, 
     ));
     md.push_str(&format!("* machine: {}\n", machine_line(&doc["machine"])));
     md.push_str(&format!("* command: `{command}`\n"));
-    md.push_str(&format!("* full results: `{}`\n\n", json_path.file_name().unwrap_or_default().to_string_lossy()));
+    md.push_str(&format!("* full results: `{}`\n", file_name(&json_path)));
+    if let Some(p) = &svg_path {
+        md.push_str(&format!("* latency percentiles: [{0}]({0})\n", file_name(p)));
+    }
+    md.push('\n');
     md.push_str(&o.markdown);
+    if let (Some(p), Some(plot)) = (&svg_path, plot) {
+        md.push_str(&format!("\n![{}]({})\n", plot.title, file_name(p)));
+    }
     std::fs::write(&json_path, serde_json::to_string_pretty(&doc)? + "\n")
         .with_context(|| format!("writing {}", json_path.display()))?;
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
-    Ok(Some((json_path, md_path)))
+    if let (Some(p), Some(text)) = (&svg_path, svg) {
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(Some(Written { json: json_path, markdown: md_path, plot: svg_path }))
 }
 
-/// Prints the human summary and the paths written.
+fn file_name(p: &Path) -> String {
+    p.file_name().unwrap_or_default().to_string_lossy().into_owned()
+}
+
+/// Prints the human summary and the paths written (for scenarios without latency histograms).
+#[allow(dead_code)] // Every scenario in this tree has a plot; kept for those that will not.
 pub fn finish(out: Option<&Path>, o: &Output) -> anyhow::Result<()> {
-    let paths = write(out, o)?;
+    finish_plot(out, o, None)
+}
+
+/// Like [`finish`], with a latency plot written next to the results. The `results:` line is
+/// what bench-results/run-all.sh reads; the plot gets a line of its own.
+pub fn finish_plot(out: Option<&Path>, o: &Output, plot: Option<&Plot>) -> anyhow::Result<()> {
+    let written = write(out, o, plot)?;
     println!("{}", o.human.trim_end());
-    if let Some((j, m)) = paths {
-        println!("results: {} and {}", j.display(), m.display());
+    if let Some(w) = written {
+        println!("results: {} and {}", w.json.display(), w.markdown.display());
+        if let Some(p) = w.plot {
+            println!("plot: {}", p.display());
+        }
     }
     Ok(())
 }

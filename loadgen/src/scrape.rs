@@ -114,6 +114,31 @@ pub fn counter_deltas(before: &Samples, after: &Samples) -> Value {
     Value::Object(m)
 }
 
+/// Per gateway: RSS and open connections before and after a run, and the counters that moved.
+pub fn gateway_report(
+    urls: &[String],
+    before: &[Result<Samples, String>],
+    after: &[Result<Samples, String>],
+) -> Vec<Value> {
+    urls.iter()
+        .zip(before.iter().zip(after))
+        .map(|(url, (b, a))| match (b, a) {
+            (Ok(b), Ok(a)) => json!({
+                "metrics_url": url,
+                "rss_before_bytes": b.get(RSS),
+                "rss_after_bytes": a.get(RSS),
+                "connections_open_before": b.get(OPEN),
+                "connections_open_after": a.get(OPEN),
+                "counter_deltas": counter_deltas(b, a),
+            }),
+            (b, a) => json!({
+                "metrics_url": url,
+                "error": format!("{:?} / {:?}", b.as_ref().err(), a.as_ref().err()),
+            }),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

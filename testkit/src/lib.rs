@@ -1,5 +1,6 @@
 //! Test harness for system tests: a real `nats-server` with JetStream on a free port and its own
-//! store, the workspace's service binaries as child processes, and WebSocket clients that speak
+//! store, the workspace's service binaries as child processes (gateways plain or TLS, with a
+//! certificate generated at test time), and WebSocket clients (`ws://` or `wss://`) that speak
 //! PROTOCOL.md. Modelled on the nats.rs test crate: every test starts what it needs and everything
 //! is killed and reaped when the handles drop.
 //!
@@ -11,6 +12,7 @@ mod http;
 mod nats;
 mod proc;
 mod services;
+mod tls;
 mod ws;
 
 use std::net::TcpListener;
@@ -20,6 +22,7 @@ pub use http::{http_get, wait_http_ok};
 pub use nats::{nats_server_bin, NatsServer};
 pub use proc::Proc;
 pub use services::{Gateway, Router, Storage, System};
+pub use tls::{ClientTls, TestCert};
 pub use ws::{ws_request_url, Event, Inbox, Synced, WsClient};
 
 /// How long services get to become ready. Generous: debug builds on 2 busy cores.

@@ -1,10 +1,12 @@
 //! The workspace's services as child processes, and a whole system of them.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use protocol::TokenKeys;
+use tempfile::TempDir;
 
-use crate::{bin_path, free_port, NatsServer, Proc, WsClient, READY_TIMEOUT};
+use crate::{bin_path, free_port, ClientTls, NatsServer, Proc, TestCert, WsClient, READY_TIMEOUT};
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
@@ -99,6 +101,15 @@ pub struct Gateway {
     pub proc: Proc,
     listen_addr: String,
     metrics_addr: String,
+    tls: Option<GatewayTls>,
+}
+
+/// The certificate a TLS gateway serves, generated for it, and the client trust that goes with it.
+struct GatewayTls {
+    cert_path: PathBuf,
+    client: ClientTls,
+    /// Holds cert.pem and key.pem for the gateway's life (and restarts).
+    _dir: TempDir,
 }
 
 impl Gateway {
@@ -111,6 +122,26 @@ impl Gateway {
     /// Like [`Gateway::start`] with extra arguments (a `--gateway-id` or `--cores` among them
     /// replaces the default one).
     pub async fn start_with(nats_url: &str, secret: &str, extra: &[&str]) -> Gateway {
+        Self::spawn(nats_url, secret, extra, None).await
+    }
+
+    /// Like [`Gateway::start_with`], serving TLS (`wss://`) with a self-signed certificate for
+    /// `127.0.0.1` and `localhost` generated into a temporary directory of its own. Connect with
+    /// [`Gateway::connect`] (or [`Gateway::client_tls`]); [`Gateway::tls_cert_path`] is the
+    /// certificate to trust (e.g. loadgen's `--ca-file`).
+    pub async fn start_tls(nats_url: &str, secret: &str, extra: &[&str]) -> Gateway {
+        let dir = tempfile::Builder::new().prefix("testkit-gateway-tls-").tempdir().expect("creating a temp dir");
+        let cert = TestCert::generate();
+        let (cert_path, key_path) = cert.write_to(dir.path());
+        let tls = GatewayTls { cert_path, client: cert.client(), _dir: dir };
+        let key_path = key_path.to_str().expect("UTF-8 temp path").to_owned();
+        let cert_arg = tls.cert_path.to_str().expect("UTF-8 temp path").to_owned();
+        let mut args = vec!["--tls-cert", &cert_arg, "--tls-key", &key_path];
+        args.extend_from_slice(extra);
+        Self::spawn(nats_url, secret, &args, Some(tls)).await
+    }
+
+    async fn spawn(nats_url: &str, secret: &str, extra: &[&str], tls: Option<GatewayTls>) -> Gateway {
         let port = free_port();
         let listen_addr = format!("127.0.0.1:{port}");
         let metrics_addr = format!("127.0.0.1:{}", free_port());
@@ -124,19 +155,53 @@ impl Gateway {
         }
         args.extend(strings(extra));
         let proc = Proc::spawn("gateway", &bin_path("gateway"), &args, &[("JWT_SECRET", secret)]);
-        let mut g = Gateway { proc, listen_addr, metrics_addr };
+        let mut g = Gateway { proc, listen_addr, metrics_addr, tls };
         g.wait_ready().await;
         g
     }
 
-    /// `ws://127.0.0.1:<port>/ws`.
+    /// `ws://127.0.0.1:<port>/ws`, or `wss://` when the gateway serves TLS.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.listen_addr)
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}/ws", self.listen_addr)
     }
 
-    /// `http://127.0.0.1:<port>` (the listener; `/dev/token` lives here with `--dev-tokens`).
+    /// `http://127.0.0.1:<port>` (the listener; `/dev/token` lives here with `--dev-tokens`), or
+    /// `https://` when the gateway serves TLS.
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.listen_addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.listen_addr)
+    }
+
+    /// `127.0.0.1:<port>` of the WebSocket listener.
+    pub fn listen_addr(&self) -> &str {
+        &self.listen_addr
+    }
+
+    /// The client trust for a TLS gateway's certificate (`None` without TLS).
+    pub fn client_tls(&self) -> Option<&ClientTls> {
+        self.tls.as_ref().map(|t| &t.client)
+    }
+
+    /// The PEM certificate a TLS gateway serves (`None` without TLS).
+    pub fn tls_cert_path(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|t| t.cert_path.as_path())
+    }
+
+    /// Connects to this gateway (over TLS when it serves TLS); the HTTP status when the upgrade
+    /// is refused.
+    pub async fn connect(&self, token: &str, device: Option<&str>, since: Option<u64>) -> Result<WsClient, u16> {
+        match self.client_tls() {
+            Some(tls) => WsClient::connect_tls(&self.ws_url(), token, device, since, tls).await,
+            None => WsClient::connect(&self.ws_url(), token, device, since).await,
+        }
+    }
+
+    /// Like [`Gateway::connect`]; panics when the upgrade is refused.
+    pub async fn open(&self, token: &str, device: Option<&str>, since: Option<u64>) -> WsClient {
+        self.connect(token, device, since)
+            .await
+            .unwrap_or_else(|status| panic!("{}: upgrade refused with HTTP {status}", self.ws_url()))
     }
 
     /// `http://127.0.0.1:<metrics port>/metrics`.
@@ -202,6 +267,16 @@ impl System {
 
     /// Like [`System::start`], with extra arguments for every gateway.
     pub async fn start_with(gateways: usize, gateway_args: &[&str]) -> System {
+        Self::start_inner(gateways, gateway_args, false).await
+    }
+
+    /// Like [`System::start_with`], every gateway serving TLS with a certificate of its own (see
+    /// [`Gateway::start_tls`]); [`System::connect`] connects over `wss://`.
+    pub async fn start_tls(gateways: usize, gateway_args: &[&str]) -> System {
+        Self::start_inner(gateways, gateway_args, true).await
+    }
+
+    async fn start_inner(gateways: usize, gateway_args: &[&str], tls: bool) -> System {
         let nats = NatsServer::start().await;
         let storage = Storage::start(&nats.url()).await;
         let router = Router::start(&nats.url(), &[]).await;
@@ -210,8 +285,14 @@ impl System {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let secret = format!("testkit-{}-{}-{n}", std::process::id(), protocol::now_ms());
         let url = nats.url();
-        let gateways =
-            futures::future::join_all((0..gateways).map(|_| Gateway::start_with(&url, &secret, gateway_args))).await;
+        let gateways = futures::future::join_all((0..gateways).map(|_| async {
+            if tls {
+                Gateway::start_tls(&url, &secret, gateway_args).await
+            } else {
+                Gateway::start_with(&url, &secret, gateway_args).await
+            }
+        }))
+        .await;
         let keys = TokenKeys::hs256(secret.as_bytes(), 5);
         System { gateways, router, storage, nats, secret, keys }
     }
@@ -239,8 +320,9 @@ impl System {
         self.gateways[i].ws_url()
     }
 
-    /// Connects `user` on `device` (named in the token) to gateway `gw`; nothing is read yet.
+    /// Connects `user` on `device` (named in the token) to gateway `gw` (over `wss://` when it
+    /// serves TLS); nothing is read yet.
     pub async fn connect(&self, gw: usize, user: &str, device: &str) -> WsClient {
-        WsClient::open(&self.ws_url(gw), &self.token(user, Some(device)), None, None).await
+        self.gateways[gw].open(&self.token(user, Some(device)), None, None).await
     }
 }

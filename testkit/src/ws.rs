@@ -8,7 +8,9 @@ use futures::{SinkExt as _, StreamExt as _};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest as _, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+use crate::ClientTls;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -51,6 +53,17 @@ impl WsClient {
         Self::connect_request(&ws_request_url(ws_url, token, device, since), None).await
     }
 
+    /// Like [`WsClient::connect`] over `wss://`, trusting what `tls` trusts.
+    pub async fn connect_tls(
+        ws_url: &str,
+        token: &str,
+        device: Option<&str>,
+        since: Option<u64>,
+        tls: &ClientTls,
+    ) -> Result<WsClient, u16> {
+        Self::connect_request_with(&ws_request_url(ws_url, token, device, since), None, Some(tls)).await
+    }
+
     /// Like [`WsClient::connect`] but panics (with the status) when the upgrade is refused.
     pub async fn open(ws_url: &str, token: &str, device: Option<&str>, since: Option<u64>) -> WsClient {
         Self::connect(ws_url, token, device, since)
@@ -58,19 +71,61 @@ impl WsClient {
             .unwrap_or_else(|status| panic!("{ws_url}: upgrade refused with HTTP {status}"))
     }
 
+    /// Like [`WsClient::open`] over `wss://`, trusting what `tls` trusts.
+    pub async fn open_tls(
+        ws_url: &str,
+        token: &str,
+        device: Option<&str>,
+        since: Option<u64>,
+        tls: &ClientTls,
+    ) -> WsClient {
+        Self::connect_tls(ws_url, token, device, since, tls)
+            .await
+            .unwrap_or_else(|status| panic!("{ws_url}: upgrade refused with HTTP {status}"))
+    }
+
     /// Opens exactly `url`, with `Authorization: Bearer <bearer>` when given.
     pub async fn connect_request(url: &str, bearer: Option<&str>) -> Result<WsClient, u16> {
+        Self::connect_request_with(url, bearer, None).await
+    }
+
+    /// Opens exactly `url` (`ws://`, or `wss://` with `tls`), with `Authorization: Bearer
+    /// <bearer>` when given.
+    pub async fn connect_request_with(
+        url: &str,
+        bearer: Option<&str>,
+        tls: Option<&ClientTls>,
+    ) -> Result<WsClient, u16> {
         let mut req = url.into_client_request().unwrap_or_else(|e| panic!("bad WebSocket URL {url}: {e}"));
         if let Some(token) = bearer {
             req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().expect("header value"));
         }
-        let res = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req))
-            .await
-            .unwrap_or_else(|_| panic!("{url}: WebSocket handshake timed out"));
+        assert!(
+            tls.is_some() || !url.starts_with("wss:"),
+            "{url}: a wss:// test connection needs a ClientTls (Gateway::client_tls) to trust the test certificate"
+        );
+        let connector = tls.map(|t| Connector::Rustls(t.0.clone()));
+        let res = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{url}: WebSocket handshake timed out"));
         match res {
             Ok((ws, _)) => Ok(WsClient { ws, close_code: None, closed: false, timeout: Duration::from_secs(5) }),
             Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
             Err(e) => panic!("{url}: WebSocket connect failed: {e}"),
+        }
+    }
+
+    /// For a `wss://` connection: the negotiated TLS version and ALPN protocol.
+    pub fn tls_session(&self) -> Option<(rustls::ProtocolVersion, Option<Vec<u8>>)> {
+        match self.ws.get_ref() {
+            MaybeTlsStream::Rustls(s) => {
+                let conn = s.get_ref().1;
+                Some((conn.protocol_version()?, conn.alpn_protocol().map(<[u8]>::to_vec)))
+            }
+            _ => None,
         }
     }
 

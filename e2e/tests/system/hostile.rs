@@ -21,7 +21,7 @@ use crate::chat;
 use crate::group_kit::Member;
 
 /// Bound on anything the gateway is expected to do "soon" (debug builds on 2 busy cores).
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// Text, binary, close, ping opcodes.
 const TEXT: u8 = 0x1;
@@ -232,7 +232,7 @@ pub(crate) async fn metrics_of(url: &str) -> String {
 }
 
 /// Waits (bounded) until the gateway counter reaches `at_least`; returns the metrics text.
-async fn wait_metric(url: &str, name: &str, labels: &str, at_least: f64) -> String {
+pub(crate) async fn wait_metric(url: &str, name: &str, labels: &str, at_least: f64) -> String {
     let deadline = tokio::time::Instant::now() + WAIT * 2;
     loop {
         if let Ok((200, text)) = testkit::http_get(url).await {

@@ -29,6 +29,7 @@ mod receipts;
 mod restart;
 mod retention;
 mod retry;
+mod tls;
 mod typing;
 mod user_limits;
 

@@ -413,9 +413,15 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     if let Some((_, _, h, _, _)) = &round_trip {
         md.push_str(&hist::md_row("publish → republished copy", h));
     }
-    report::finish(
+    let mut series = vec![("publish → PubAck", &publish.h_ack)];
+    if let Some((_, _, h, _, _)) = &round_trip {
+        series.push(("publish → republished copy", h));
+    }
+    let plot = report::Plot { title: "baseline: JetStream publish latency".into(), series };
+    report::finish_plot(
         args.run.out.as_deref(),
         &Output { scenario: "baseline", started, config, results, markdown: md, human },
+        Some(&plot),
     )?;
     Ok(if errors_total > 0 { 3 } else { 0 })
 }

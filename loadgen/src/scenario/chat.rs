@@ -616,7 +616,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let keys = protocol::TokenKeys::hs256(args.gw.secret.as_bytes(), 0);
     let ttl = (args.duration + args.grace).as_secs() + 3600;
     let tokens: Vec<String> = names.iter().map(|n| keys.mint(n, Some("lg"), ttl)).collect();
-    let targets = client::resolve_all(&args.gw.urls).await?;
+    let targets = client::resolve_all(&args.gw.urls, args.gw.ca_file.as_deref()).await?;
     let peers: Vec<Vec<usize>> = (0..args.users).map(|i| args.layout.peers(i, args.users)).collect();
 
     let metrics_before = scrape::scrape_all(&args.gw.metrics_urls).await;
@@ -829,26 +829,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         0
     };
 
-    let gateway: Vec<Value> = args
-        .gw
-        .metrics_urls
-        .iter()
-        .zip(metrics_before.iter().zip(&metrics_after))
-        .map(|(url, (b, a))| match (b, a) {
-            (Ok(b), Ok(a)) => json!({
-                "metrics_url": url,
-                "rss_before_bytes": b.get(scrape::RSS),
-                "rss_after_bytes": a.get(scrape::RSS),
-                "connections_open_before": b.get(scrape::OPEN),
-                "connections_open_after": a.get(scrape::OPEN),
-                "counter_deltas": scrape::counter_deltas(b, a),
-            }),
-            (b, a) => json!({
-                "metrics_url": url,
-                "error": format!("{:?} / {:?}", b.as_ref().err(), a.as_ref().err()),
-            }),
-        })
-        .collect();
+    let gateway = scrape::gateway_report(&args.gw.metrics_urls, &metrics_before, &metrics_after);
 
     let ratio = |v: f64| baseline.as_ref().map(|(b, _)| v / b);
     let mode = match rate {
@@ -1000,9 +981,14 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     md.push_str(&hist::md_row("send → sent", &h_sent));
     md.push_str(&hist::md_row("send → deliver", &h_deliver));
     md.push_str(&hist::md_row("connect → synced", &h_open));
-    report::finish(
+    let plot = report::Plot {
+        title: format!("chat: latency ({mode}, from the {origin})"),
+        series: vec![("send → sent", &h_sent), ("send → deliver", &h_deliver), ("connect → synced", &h_open)],
+    };
+    report::finish_plot(
         args.run.out.as_deref(),
         &Output { scenario: "chat", started, config, results, markdown: md, human },
+        Some(&plot),
     )?;
     Ok(exit)
 }

@@ -93,6 +93,7 @@ pub struct Args {
 pub struct WorkerSpec {
     pub index: u64,
     pub urls: Vec<String>,
+    pub ca_file: Option<std::path::PathBuf>,
     pub first: u64,
     pub count: u64,
     pub rate: f64,
@@ -189,7 +190,7 @@ async fn worker_inner(spec: WorkerSpec) -> anyhow::Result<()> {
     }
     let secret = std::env::var("JWT_SECRET").context("worker needs JWT_SECRET")?;
     let keys = protocol::TokenKeys::hs256(secret.as_bytes(), 0);
-    let targets = Arc::new(client::resolve_all(&spec.urls).await?);
+    let targets = Arc::new(client::resolve_all(&spec.urls, spec.ca_file.as_deref()).await?);
 
     // `release` (or the parent going away: EOF) ends the hold.
     let (release_tx, release_rx) = watch::channel(false);
@@ -409,7 +410,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let workers = args.workers.unwrap_or(0).max(args.connections.div_ceil(args.per_worker)).min(args.connections);
     let prefix = args.user_prefix.clone().unwrap_or_else(|| format!("lg{}", util::run_tag()));
     // Validate the URLs here (workers would each fail the same way).
-    client::resolve_all(&args.gw.urls).await?;
+    client::resolve_all(&args.gw.urls, args.gw.ca_file.as_deref()).await?;
     let urls = args.gw.metrics_urls.clone();
     if urls.is_empty() {
         report::note("no --metrics-url: gateway memory per connection will not be measured");
@@ -445,6 +446,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         let spec = WorkerSpec {
             index: w,
             urls: args.gw.urls.clone(),
+            ca_file: args.gw.ca_file.clone(),
             first,
             count,
             rate: args.rate * count as f64 / args.connections as f64,
@@ -782,9 +784,14 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     md.push_str(&hist::md_row("→ 101 upgrade", &h_up));
     md.push_str(&hist::md_row("→ hello", &h_hello));
     md.push_str(&hist::md_row("→ synced", &h_synced));
-    report::finish(
+    let plot = report::Plot {
+        title: "connect: handshake latency from the start of the TCP connect".into(),
+        series: vec![("TCP connect", &h_tcp), ("→ 101 upgrade", &h_up), ("→ hello", &h_hello), ("→ synced", &h_synced)],
+    };
+    report::finish_plot(
         args.run.out.as_deref(),
         &Output { scenario: "connect", started, config, results: results_json, markdown: md, human },
+        Some(&plot),
     )?;
     if !fatal.is_empty() {
         for f in &fatal {

@@ -59,7 +59,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     }
     util::raise_nofile();
     let started = SystemTime::now();
-    let targets = client::resolve_all(&a.gw.urls).await?;
+    let targets = client::resolve_all(&a.gw.urls, a.gw.ca_file.as_deref()).await?;
     let keys = TokenKeys::hs256(a.gw.secret.as_bytes(), 0);
     let prefix = util::run_tag();
     let users: Vec<String> = (0..a.members).map(|i| format!("{prefix}-g{i}")).collect();
@@ -281,6 +281,18 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         "urls": a.gw.urls, "members": a.members, "messages": a.messages, "rate": a.rate,
         "grace_s": a.grace.as_secs_f64(), "body": a.body,
     });
-    report::finish(a.run.out.as_deref(), &Output { scenario: "group", started, config, results, markdown, human })?;
+    let plot = report::Plot {
+        title: format!("group: {} members, latency from the scheduled send", a.members),
+        series: vec![
+            ("send → last member", &to_last),
+            ("send → first member", &to_first),
+            ("send → each delivery", &s.deliveries),
+        ],
+    };
+    report::finish_plot(
+        a.run.out.as_deref(),
+        &Output { scenario: "group", started, config, results, markdown, human },
+        Some(&plot),
+    )?;
     Ok(if ok { 0 } else { 1 })
 }

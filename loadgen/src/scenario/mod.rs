@@ -4,3 +4,5 @@ pub mod baseline;
 pub mod chat;
 pub mod connect;
 pub mod group;
+pub mod offline;
+pub mod storm;
