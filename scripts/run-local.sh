@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Runs the whole system locally: nats-server (unless one is reachable on NATS_URL), storage and a
-# gateway with dev tokens. Logs, the NATS store and the dev secret go to .run/. Ctrl-C stops
-# everything this script started.
+# Runs the whole system locally: nats-server (unless one is reachable on NATS_URL), storage, the
+# router and a gateway with dev tokens. Logs, the NATS store and the dev secret go to .run/.
+# Ctrl-C stops everything this script started.
+#
+# A nats-server started here runs with the generated authorization (`chatctl nats-config`, into
+# .run/nats-auth/: auth.conf and one nkey seed per role, kept across runs) and each service
+# connects with its own role's seed. A nats-server already running on NATS_URL is used as it is,
+# without credentials (set NATS_NKEY_FILE etc. per service yourself if it requires them).
 #
 # Environment (all optional):
 #   NATS_URL          default nats://127.0.0.1:4222
@@ -100,26 +105,49 @@ else
         ;;
     esac
     mkdir -p "$run/nats"
-    start nats-server "$root/.tools/bin/nats-server" -js -sd "$run/nats" \
+    # Per-service identities and permissions; seeds already there are kept, the permissions are
+    # rewritten for this version.
+    "$bin/chatctl" nats-config --dir "$run/nats-auth" >/dev/null
+    printf '# written by scripts/run-local.sh\ninclude "nats-auth/auth.conf"\n' >"$run/nats-server.conf"
+    # A store from a run without authorization keeps its streams in the global account: move them
+    # to the services' account (single server, stopped: renaming the directory is enough).
+    if [[ -d "$run/nats/jetstream/\$G" && ! -e "$run/nats/jetstream/CHAT" ]]; then
+        mv "$run/nats/jetstream/\$G" "$run/nats/jetstream/CHAT"
+        echo "moved the streams of .run/nats to account CHAT"
+    fi
+    start nats-server "$root/.tools/bin/nats-server" -c "$run/nats-server.conf" -js -sd "$run/nats" \
         -a 127.0.0.1 -p "$nats_port" -m "$NATS_MONITOR_PORT"
     wait_ok nats-server "127.0.0.1:$NATS_MONITOR_PORT" "/healthz?js-enabled-only=true"
+    nats_auth="$run/nats-auth"
 fi
 
+# nats_args ROLE: sets `nargs` to the NATS flags of a service of ROLE (with its seed when the
+# server was started here).
+nats_args() {
+    nargs=(--nats-url "$NATS_URL")
+    if [[ -n "${nats_auth:-}" ]]; then
+        nargs+=(--nats-nkey-file "$nats_auth/$1.nk")
+    fi
+}
+
 # storage provisions the streams the gateway waits for.
-start storage "$bin/storage" --nats-url "$NATS_URL" --metrics-addr "$STORAGE_METRICS"
+nats_args storage
+start storage "$bin/storage" "${nargs[@]}" --metrics-addr "$STORAGE_METRICS"
 wait_ok storage "$STORAGE_METRICS" /readyz
 
 # The router serves group membership and fans group messages out.
-start router "$bin/router" --nats-url "$NATS_URL" --metrics-addr "$ROUTER_METRICS"
+nats_args router
+start router "$bin/router" "${nargs[@]}" --metrics-addr "$ROUTER_METRICS"
 wait_ok router "$ROUTER_METRICS" /readyz
 
 # A dev secret, generated once and kept so dev tokens stay valid across runs.
 if [[ ! -s "$run/jwt-secret" ]]; then
     (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$run/jwt-secret")
 fi
+nats_args gateway
 JWT_SECRET="$(cat "$run/jwt-secret")" start gateway "$bin/gateway" \
     --listen "$GATEWAY_LISTEN" --metrics-addr "$GATEWAY_METRICS" --cores "$GATEWAY_CORES" \
-    --nats-url "$NATS_URL" --dev-tokens
+    "${nargs[@]}" --dev-tokens
 wait_ok gateway "$GATEWAY_METRICS" /readyz
 
 cat <<INFO
@@ -129,7 +157,7 @@ The system is up (Ctrl-C stops it).
   WebSocket:   ws://$GATEWAY_LISTEN/ws?token=<token>
   dev token:   http://$GATEWAY_LISTEN/dev/token?user=alice   (add &device=web for a device)
   metrics:     http://$GATEWAY_METRICS/metrics (gateway), http://$STORAGE_METRICS/metrics (storage), http://$ROUTER_METRICS/metrics (router)
-  NATS:        $NATS_URL
+  NATS:        $NATS_URL${nats_auth:+  (authorization: .run/nats-auth/auth.conf; e.g. chatctl --nats-nkey-file .run/nats-auth/admin.nk revoke --user U)}
   logs:        .run/*.log   dev secret: .run/jwt-secret
 INFO
 

@@ -7,6 +7,31 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, kv, stream};
 use protocol::subjects;
 
+/// The streams `storage` provisions (besides the buckets' streams).
+pub const STREAMS: [&str; 4] =
+    [subjects::INBOX_STREAM, subjects::GROUPS_STREAM, subjects::RECEIPTS_STREAM, subjects::HISTORY_STREAM];
+
+/// The KV buckets `storage` provisions. Each is stored in a stream named [`kv_stream`].
+pub const BUCKETS: [&str; 7] = [
+    subjects::CURSORS_BUCKET,
+    subjects::GROUPS_BUCKET,
+    subjects::MEMBERSHIPS_BUCKET,
+    subjects::PRESENCE_BUCKET,
+    subjects::GATEWAYS_BUCKET,
+    subjects::REVOCATIONS_BUCKET,
+    subjects::SETTINGS_BUCKET,
+];
+
+/// The stream that holds KV bucket `bucket`.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// Every stream of the system: [`STREAMS`] and the buckets' streams.
+pub fn all_stream_names() -> Vec<String> {
+    STREAMS.iter().map(|s| s.to_string()).chain(BUCKETS.iter().map(|b| kv_stream(b))).collect()
+}
+
 /// Settings of the provisioned streams, from the storage service's config.
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
@@ -172,22 +197,12 @@ pub async fn wait_ready(js: &jetstream::Context) -> anyhow::Result<()> {
     let mut logged = false;
     loop {
         let mut missing = Vec::new();
-        for stream in
-            [subjects::INBOX_STREAM, subjects::GROUPS_STREAM, subjects::RECEIPTS_STREAM, subjects::HISTORY_STREAM]
-        {
+        for stream in STREAMS {
             if js.get_stream(stream).await.is_err() {
                 missing.push(stream);
             }
         }
-        for bucket in [
-            subjects::CURSORS_BUCKET,
-            subjects::GROUPS_BUCKET,
-            subjects::MEMBERSHIPS_BUCKET,
-            subjects::PRESENCE_BUCKET,
-            subjects::GATEWAYS_BUCKET,
-            subjects::REVOCATIONS_BUCKET,
-            subjects::SETTINGS_BUCKET,
-        ] {
+        for bucket in BUCKETS {
             if js.get_key_value(bucket).await.is_err() {
                 missing.push(bucket);
             }
@@ -200,5 +215,25 @@ pub async fn wait_ready(js: &jetstream::Context) -> anyhow::Result<()> {
             logged = true;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stream lists (which the NATS permissions are generated from) name exactly what
+    /// [`provision`] creates.
+    #[test]
+    fn the_lists_name_every_provisioned_stream() {
+        let s = StreamSettings::default();
+        let mut provisioned: Vec<String> =
+            [inbox_stream(&s), groups_stream(&s), receipts_stream(&s), history_stream(&s)].map(|c| c.name).into();
+        provisioned.push(kv_stream(&cursors_bucket(&s).bucket));
+        provisioned.extend(other_buckets(&s).map(|b| kv_stream(&b.bucket)));
+        provisioned.sort();
+        let mut listed = all_stream_names();
+        listed.sort();
+        assert_eq!(listed, provisioned);
     }
 }

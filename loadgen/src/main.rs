@@ -56,7 +56,7 @@ impl RunArgs {
 2 the run could not be carried out (bad arguments, unreachable services, connections refused); \
 3 the run completed with errors (failed or unanswered sends, dropped connections, publish errors).\n\n\
 Typical session (see bench-results/run-all.sh):\n  \
-loadgen baseline --nats-url nats://127.0.0.1:4222 --out bench-results\n  \
+loadgen baseline --nats-url nats://127.0.0.1:4222 --out bench-results   (with the generated NATS authorization: --nats-nkey-file <dir>/bench.nk)\n  \
 JWT_SECRET=... loadgen chat --url ws://127.0.0.1:8080/ws --metrics-url http://127.0.0.1:9101/metrics --rate max --baseline bench-results/baseline-*.json --out bench-results\n  \
 JWT_SECRET=... loadgen connect --connections 10000 --metrics-url http://127.0.0.1:9101/metrics --out bench-results"
 )]

@@ -76,6 +76,10 @@ pub fn presence_key(user: &str, gateway: &str) -> String {
 /// device (1:1 chat messages and members' copies of group messages).
 pub const PUSH_HEADER: &str = "Chat-Push";
 
+/// Durable name of storage's consumer on INBOX that reads the headers of stored items to emit
+/// push events (the NATS permissions name it).
+pub const PUSH_NOTIFIER_CONSUMER: &str = "push-notifier";
+
 /// Core NATS subject of push-notification events for a user with no connected device.
 pub fn push(user: &str) -> String {
     format!("push.{user}")

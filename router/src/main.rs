@@ -103,7 +103,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let partitions = fanout::owned_partitions(args.instance, args.instances);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let client = bus::connect(&args.nats, "router", Some(events_tx)).await?;
+    let client = bus::connect(&args.nats, bus::Role::Router, "router", Some(events_tx)).await?;
     // Every partition may have `max_inflight` PubAcks outstanding, and the membership service
     // some more: the context's in-flight bound must not be what limits them (a publisher
     // waiting for a permit its own unawaited acks hold would wait forever).

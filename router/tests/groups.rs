@@ -48,7 +48,7 @@ async fn list(env: &Env, by: &str) -> Vec<GroupSummary> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_rules_over_nats() {
     let env = Env::start().await;
-    let mut router = Router::start(&env.url(), &["--max-members", "5"]).await;
+    let mut router = Router::start_on(&env.nats, &["--max-members", "5"]).await;
 
     // Malformed requests.
     assert_eq!(err(env.raw_op(b"not json".to_vec()).await), ErrorCode::BadField);
@@ -158,7 +158,7 @@ async fn membership_rules_over_nats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_follows_membership_changes_mid_traffic() {
     let env = Env::start().await;
-    let mut router = Router::start(&env.url(), &["--batch", "16"]).await;
+    let mut router = Router::start_on(&env.nats, &["--batch", "16"]).await;
     let pool = users("u", 10);
     let g = env.create("u0", "busy", &pool[..6]).await;
     let gid = g.gid.clone();
@@ -226,10 +226,10 @@ async fn fanout_follows_membership_changes_mid_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_fanout_of_a_full_group_loses_and_repeats_nothing() {
     let env = Env::start().await;
-    let mut router = Router::start(&env.url(), &[]).await;
+    let mut router = Router::start_on(&env.nats, &[]).await;
     // A second instance that owns no partition (8 % 9 matches none of 0..7): it serves the
     // membership service while the first one is down.
-    let _ops_only = Router::start(&env.url(), &["--instance", "8", "--instances", "9"]).await;
+    let _ops_only = Router::start_on(&env.nats, &["--instance", "8", "--instances", "9"]).await;
     let members = users("m", 1023);
     let g = env.create("owner", "everyone", &members).await;
     assert_eq!(g.members.len(), 1024);
@@ -284,8 +284,8 @@ async fn kill_9_mid_fanout_of_a_full_group_loses_and_repeats_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_split_the_partitions_and_keep_group_order() {
     let env = Env::start().await;
-    let r0 = Router::start(&env.url(), &["--instance", "0", "--instances", "2", "--batch", "8"]).await;
-    let r1 = Router::start(&env.url(), &["--instance", "1", "--instances", "2", "--batch", "8"]).await;
+    let r0 = Router::start_on(&env.nats, &["--instance", "0", "--instances", "2", "--batch", "8"]).await;
+    let r1 = Router::start_on(&env.nats, &["--instance", "1", "--instances", "2", "--batch", "8"]).await;
     let pool = users("w", 12);
 
     // Groups until both instances own some (a group's partition is in its stored subject).
@@ -335,7 +335,7 @@ async fn two_instances_split_the_partitions_and_keep_group_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_mid_fanout_replays_the_batch() {
     let mut env = Env::start().await;
-    let router = Router::start(&env.url(), &[]).await;
+    let router = Router::start_on(&env.nats, &[]).await;
     let members = users("n", 300);
     let g = env.create("boss", "crowd", &members).await;
     let gid = g.gid.clone();

@@ -188,7 +188,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let health = telemetry::serve_registry(args.metrics_addr, registry).await?;
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let client = bus::connect(&args.nats, "storage", Some(events_tx)).await?;
+    let client = bus::connect(&args.nats, bus::Role::Storage, "storage", Some(events_tx)).await?;
     let js = jetstream::new(client);
     let settings = args.stream_settings();
 

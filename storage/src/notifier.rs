@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::push::{self, DebounceConfig, OnlineView, Outcome, PushDebouncer, PushEvent};
 
 /// Durable name of the INBOX consumer.
-pub const CONSUMER: &str = "push-notifier";
+pub const CONSUMER: &str = subjects::PUSH_NOTIFIER_CONSUMER;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often windows are ended (trailing events go out at most this late).
 const FLUSH_EVERY: Duration = Duration::from_millis(250);

@@ -104,10 +104,10 @@ async fn wait_metric(storage: &Storage, line_prefix: &str, want: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_receipts_aggregate_and_survive_a_restart() {
-    let nats = NatsServer::start().await;
+    let nats = NatsServer::start_from_env().await;
     // A long duplicate window, so the ticks a restart re-emits are recognised however slow the
     // machine is (the default is two minutes).
-    let mut storage = Storage::start_with(&nats.url(), &["--duplicate-window-secs", "3600"]).await;
+    let mut storage = Storage::start_on(&nats, &["--duplicate-window-secs", "3600"]).await;
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
 
@@ -160,8 +160,8 @@ async fn group_receipts_aggregate_and_survive_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_receipts_are_rebuilt_after_a_restart() {
-    let nats = NatsServer::start().await;
-    let mut storage = Storage::start_with(&nats.url(), &["--duplicate-window-secs", "3600"]).await;
+    let nats = NatsServer::start_from_env().await;
+    let mut storage = Storage::start_on(&nats, &["--duplicate-window-secs", "3600"]).await;
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
 

@@ -80,8 +80,8 @@ async fn wait_consumer(js: &jetstream::Context, storage: &Storage) {
 
 /// Starts NATS and storage with `extra` flags, waits for storage's consumer.
 async fn start(extra: &[&str]) -> (NatsServer, Storage, async_nats::Client, jetstream::Context) {
-    let nats = NatsServer::start().await;
-    let storage = Storage::start_with(&nats.url(), extra).await;
+    let nats = NatsServer::start_from_env().await;
+    let storage = Storage::start_on(&nats, extra).await;
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
     wait_consumer(&js, &storage).await;

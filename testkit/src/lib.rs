@@ -18,8 +18,9 @@ mod ws;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
+pub use bus::Role;
 pub use http::{http_get, wait_http_ok};
-pub use nats::{nats_server_bin, NatsServer};
+pub use nats::{auth_from_env, nats_server_bin, NatsAuth, NatsServer};
 pub use proc::Proc;
 pub use services::{Gateway, Router, Storage, System};
 pub use tls::{ClientTls, TestCert};

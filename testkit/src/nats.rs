@@ -1,8 +1,10 @@
-//! A real nats-server with JetStream, on free ports, with its own store in a temp dir.
+//! A real nats-server with JetStream, on free ports, with its own store in a temp dir; optionally
+//! with the system's generated authorization (one nkey identity per service role).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bus::Role;
 use tempfile::TempDir;
 
 use crate::{free_port, Proc, READY_TIMEOUT};
@@ -14,6 +16,44 @@ pub struct NatsServer {
     store: TempDir,
     port: u16,
     monitor_port: u16,
+    auth: Option<NatsAuth>,
+    /// Whether refusals in the server log are expected (see [`NatsServer::expect_violations`]).
+    violations_expected: bool,
+}
+
+/// The authorization of a server started with [`NatsServer::start_with_auth`]: the config and
+/// seeds `chatctl nats-config` would write (`bus::auth::write_dir`), plus an unrestricted
+/// "inspector" identity for the test's own look at the system ([`NatsServer::client`]).
+pub struct NatsAuth {
+    dir: TempDir,
+    inspector_seed: String,
+}
+
+impl NatsAuth {
+    fn generate() -> NatsAuth {
+        let dir = tempfile::Builder::new().prefix("testkit-nats-auth-").tempdir().expect("creating the auth dir");
+        let inspector = bus::auth::Identity::generate(Role::Admin).expect("generating an nkey");
+        bus::auth::write_dir(dir.path(), std::slice::from_ref(&inspector.public_key))
+            .expect("writing the NATS authorization");
+        let conf = format!("# testkit: the generated authorization\ninclude \"{}\"\n", bus::auth::CONFIG_FILE);
+        std::fs::write(dir.path().join("nats.conf"), conf).expect("writing nats.conf");
+        NatsAuth { inspector_seed: inspector.seed().to_owned(), dir }
+    }
+
+    /// The directory holding `auth.conf` and the seeds.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The nkey seed file of `role` (for `--nats-nkey-file`).
+    pub fn nkey_file(&self, role: Role) -> PathBuf {
+        self.dir.path().join(role.seed_file())
+    }
+
+    /// The nkey seed of `role`.
+    pub fn seed(&self, role: Role) -> String {
+        std::fs::read_to_string(self.nkey_file(role)).expect("reading a seed").trim().to_owned()
+    }
 }
 
 impl NatsServer {
@@ -22,9 +62,26 @@ impl NatsServer {
     /// binds it; the server then exits (or another server answers on its monitoring port), and
     /// it is started again on other ports.
     pub async fn start() -> NatsServer {
+        Self::start_inner(false).await
+    }
+
+    /// Like [`NatsServer::start`], with the system's generated authorization: every service must
+    /// connect with its role's nkey ([`NatsServer::service_args`]) and may only use its subjects.
+    pub async fn start_with_auth() -> NatsServer {
+        Self::start_inner(true).await
+    }
+
+    /// [`NatsServer::start_with_auth`] when `TESTKIT_NATS_AUTH` asks for it (see
+    /// [`auth_from_env`]), else [`NatsServer::start`]: for tests that start their services with
+    /// the `start_on` constructors and so run either way.
+    pub async fn start_from_env() -> NatsServer {
+        Self::start_inner(auth_from_env()).await
+    }
+
+    async fn start_inner(auth: bool) -> NatsServer {
         const ATTEMPTS: usize = 5;
         for attempt in 1..=ATTEMPTS {
-            let mut s = Self::spawn_on_free_ports();
+            let mut s = Self::spawn_on_free_ports(auth.then(NatsAuth::generate));
             if s.owns_its_ports().await {
                 s.wait_ready().await;
                 return s;
@@ -59,25 +116,63 @@ impl NatsServer {
         }
     }
 
-    fn spawn_on_free_ports() -> NatsServer {
+    fn spawn_on_free_ports(auth: Option<NatsAuth>) -> NatsServer {
         let store = tempfile::Builder::new().prefix("testkit-nats-store-").tempdir().expect("creating the store dir");
         let (port, monitor_port) = (free_port(), free_port());
-        let args: Vec<String> = [
-            "-js",
-            "-sd",
-            &store.path().display().to_string(),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-m",
-            &monitor_port.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args: Vec<String> = Vec::new();
+        if let Some(a) = &auth {
+            args.extend(["-c".to_owned(), a.dir().join("nats.conf").display().to_string()]);
+        }
+        args.extend(
+            [
+                "-js",
+                "-sd",
+                &store.path().display().to_string(),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-m",
+                &monitor_port.to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         let proc = Proc::spawn("nats-server", &nats_server_bin(), &args, &[]);
-        NatsServer { proc, store, port, monitor_port }
+        NatsServer { proc, store, port, monitor_port, auth, violations_expected: false }
+    }
+
+    /// Refusals in the server log are part of the test. Otherwise a server with authorization
+    /// fails the test when it is dropped if it refused anything (see [`NatsServer::violations`]):
+    /// the system must never need more than its roles' permissions.
+    pub fn expect_violations(&mut self) {
+        self.violations_expected = true;
+    }
+
+    /// The authorization, when started with [`NatsServer::start_with_auth`].
+    pub fn auth(&self) -> Option<&NatsAuth> {
+        self.auth.as_ref()
+    }
+
+    /// The arguments a service of `role` needs to reach this server: `--nats-url`, and with
+    /// authorization `--nats-nkey-file` with the role's seed.
+    pub fn service_args(&self, role: Role) -> Vec<String> {
+        let mut args = vec!["--nats-url".to_owned(), self.url()];
+        if let Some(a) = &self.auth {
+            args.extend(["--nats-nkey-file".to_owned(), a.nkey_file(role).display().to_string()]);
+        }
+        args
+    }
+
+    /// The server log's lines about refused operations (`Publish Violation`, `Subscription
+    /// Violation`) and refused connections (`authentication error`, `Authorization Violation`).
+    pub fn violations(&self) -> Vec<String> {
+        self.proc
+            .logs()
+            .lines()
+            .filter(|l| l.contains("Violation") || l.contains("authentication error"))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -116,9 +211,25 @@ impl NatsServer {
         self.respawn().await;
     }
 
-    /// A client connected to this server.
+    /// A client connected to this server; with authorization, as the unrestricted inspector.
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url()))
+        let mut opts = async_nats::ConnectOptions::new();
+        if let Some(a) = &self.auth {
+            opts = opts.nkey(a.inspector_seed.clone());
+        }
+        opts.connect(self.url()).await.unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url()))
+    }
+
+    /// A client connected as `role` (its nkey and inbox prefix), as the service would be. Panics
+    /// on a server without authorization.
+    pub async fn client_as(&self, role: Role) -> async_nats::Client {
+        let a = self.auth.as_ref().expect("client_as needs a server started with start_with_auth");
+        async_nats::ConnectOptions::new()
+            .nkey(a.seed(role))
+            .custom_inbox_prefix(role.inbox_prefix())
+            .connect(self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {} as {}: {e}", self.url(), role.name()))
     }
 
     /// A JetStream context on a new client.
@@ -138,6 +249,31 @@ impl NatsServer {
             self.proc.wait_http_ok(&format!("{base}{path}"), READY_TIMEOUT).await;
         }
     }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if self.auth.is_none() || self.violations_expected || std::thread::panicking() {
+            return;
+        }
+        let v = self.violations();
+        if !v.is_empty() {
+            panic!(
+                "nats-server refused {} operation(s) of the system (its generated permissions do not cover them):\n{}",
+                v.len(),
+                v.join("\n")
+            );
+        }
+    }
+}
+
+/// Whether `TESTKIT_NATS_AUTH` asks for the generated NATS authorization in every [`System`]
+/// (`TESTKIT_NATS_AUTH=1 cargo nextest run -p e2e` runs the system tests with each service on its
+/// own role's identity).
+///
+/// [`System`]: crate::System
+pub fn auth_from_env() -> bool {
+    std::env::var("TESTKIT_NATS_AUTH").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// The nats-server binary: `$NATS_SERVER_BIN`, else `<workspace>/.tools/bin/nats-server`
@@ -197,5 +333,43 @@ mod tests {
         drop(server);
         // The server is gone: its port can be bound again.
         std::net::TcpListener::bind(("127.0.0.1", port)).expect("port released");
+    }
+
+    #[tokio::test]
+    async fn a_server_with_authorization_fails_the_test_that_made_it_refuse_something() {
+        let server = NatsServer::start_with_auth().await;
+        // The push role may read push.> and publish nothing.
+        let push = server.client_as(Role::Push).await;
+        let mut events = push.subscribe("push.>").await.unwrap();
+        let inspector = server.client().await;
+        inspector.publish("push.bob", "e".into()).await.unwrap();
+        inspector.flush().await.unwrap();
+        assert_eq!(events.next().await.unwrap().subject.as_str(), "push.bob");
+        assert!(server.violations().is_empty(), "{:?}", server.violations());
+
+        push.publish("inbox.bob", "forged".into()).await.unwrap();
+        push.flush().await.unwrap();
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        while server.violations().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "the refused publish was not logged");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            server.violations()[0].contains("Publish Violation - Subject \"inbox.bob\""),
+            "{:?}",
+            server.violations()
+        );
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(server)));
+        let msg = dropped.expect_err("dropping a server that refused something panics");
+        let msg = msg.downcast_ref::<String>().unwrap();
+        assert!(msg.contains("refused 1 operation") && msg.contains("inbox.bob"), "{msg}");
+
+        // Unless the test expects refusals.
+        let mut server = NatsServer::start_with_auth().await;
+        server.expect_violations();
+        let push = server.client_as(Role::Push).await;
+        push.publish("inbox.bob", "forged".into()).await.unwrap();
+        push.flush().await.unwrap();
+        drop(server);
     }
 }

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bus::Role;
 use protocol::TokenKeys;
 use tempfile::TempDir;
 
@@ -26,13 +27,32 @@ impl Storage {
 
     /// Like [`Storage::start`] with extra command-line arguments.
     pub async fn start_with(nats_url: &str, extra: &[&str]) -> Storage {
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let mut args = strings(&["--nats-url", nats_url, "--metrics-addr", &metrics_addr]);
-        args.extend(strings(extra));
-        let proc = Proc::spawn("storage", &bin_path("storage"), &args, &[]);
-        let mut s = Storage { proc, metrics_addr };
+        let mut s = Self::spawn(&strings(&["--nats-url", nats_url]), extra);
         s.wait_ready().await;
         s
+    }
+
+    /// Storage on `nats` with the storage role's credentials when it has authorization; waits
+    /// for `/readyz`.
+    pub async fn start_on(nats: &NatsServer, extra: &[&str]) -> Storage {
+        let mut s = Self::spawn(&nats.service_args(Role::Storage), extra);
+        s.wait_ready().await;
+        s
+    }
+
+    /// Starts storage with these NATS arguments and `extra`, without waiting for readiness.
+    pub fn spawn(nats_args: &[String], extra: &[&str]) -> Storage {
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let mut args = nats_args.to_vec();
+        args.extend(strings(&["--metrics-addr", &metrics_addr]));
+        args.extend(strings(extra));
+        let proc = Proc::spawn("storage", &bin_path("storage"), &args, &[]);
+        Storage { proc, metrics_addr }
+    }
+
+    /// `http://<metrics addr>/readyz`.
+    pub fn readyz_url(&self) -> String {
+        format!("http://{}/readyz", self.metrics_addr)
     }
 
     pub fn metrics_url(&self) -> String {
@@ -59,13 +79,32 @@ pub struct Router {
 impl Router {
     /// `router --nats-url <url> --metrics-addr 127.0.0.1:<free> <extra>`; waits for `/readyz`.
     pub async fn start(nats_url: &str, extra: &[&str]) -> Router {
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let mut args = strings(&["--nats-url", nats_url, "--metrics-addr", &metrics_addr]);
-        args.extend(strings(extra));
-        let proc = Proc::spawn("router", &bin_path("router"), &args, &[]);
-        let mut r = Router { proc, metrics_addr };
+        let mut r = Self::spawn(&strings(&["--nats-url", nats_url]), extra);
         r.wait_ready().await;
         r
+    }
+
+    /// A router on `nats` with the router role's credentials when it has authorization; waits
+    /// for `/readyz`.
+    pub async fn start_on(nats: &NatsServer, extra: &[&str]) -> Router {
+        let mut r = Self::spawn(&nats.service_args(Role::Router), extra);
+        r.wait_ready().await;
+        r
+    }
+
+    /// Starts a router with these NATS arguments and `extra`, without waiting for readiness.
+    pub fn spawn(nats_args: &[String], extra: &[&str]) -> Router {
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let mut args = nats_args.to_vec();
+        args.extend(strings(&["--metrics-addr", &metrics_addr]));
+        args.extend(strings(extra));
+        let proc = Proc::spawn("router", &bin_path("router"), &args, &[]);
+        Router { proc, metrics_addr }
+    }
+
+    /// `http://<metrics addr>/readyz`.
+    pub fn readyz_url(&self) -> String {
+        format!("http://{}/readyz", self.metrics_addr)
     }
 
     pub async fn wait_ready(&mut self) {
@@ -122,7 +161,17 @@ impl Gateway {
     /// Like [`Gateway::start`] with extra arguments (a `--gateway-id` or `--cores` among them
     /// replaces the default one).
     pub async fn start_with(nats_url: &str, secret: &str, extra: &[&str]) -> Gateway {
-        Self::spawn(nats_url, secret, extra, None).await
+        let mut g = Self::spawn(&strings(&["--nats-url", nats_url]), secret, extra);
+        g.wait_ready().await;
+        g
+    }
+
+    /// A gateway on `nats` with the gateway role's credentials when it has authorization (see
+    /// [`Gateway::start_with`]); waits for `/readyz`.
+    pub async fn start_on(nats: &NatsServer, secret: &str, extra: &[&str]) -> Gateway {
+        let mut g = Self::spawn(&nats.service_args(Role::Gateway), secret, extra);
+        g.wait_ready().await;
+        g
     }
 
     /// Like [`Gateway::start_with`], serving TLS (`wss://`) with a self-signed certificate for
@@ -130,6 +179,11 @@ impl Gateway {
     /// [`Gateway::connect`] (or [`Gateway::client_tls`]); [`Gateway::tls_cert_path`] is the
     /// certificate to trust (e.g. loadgen's `--ca-file`).
     pub async fn start_tls(nats_url: &str, secret: &str, extra: &[&str]) -> Gateway {
+        Self::start_tls_with(&strings(&["--nats-url", nats_url]), secret, extra).await
+    }
+
+    /// [`Gateway::start_tls`] with these NATS arguments.
+    async fn start_tls_with(nats_args: &[String], secret: &str, extra: &[&str]) -> Gateway {
         let dir = tempfile::Builder::new().prefix("testkit-gateway-tls-").tempdir().expect("creating a temp dir");
         let cert = TestCert::generate();
         let (cert_path, key_path) = cert.write_to(dir.path());
@@ -138,14 +192,22 @@ impl Gateway {
         let cert_arg = tls.cert_path.to_str().expect("UTF-8 temp path").to_owned();
         let mut args = vec!["--tls-cert", &cert_arg, "--tls-key", &key_path];
         args.extend_from_slice(extra);
-        Self::spawn(nats_url, secret, &args, Some(tls)).await
+        let mut g = Self::spawn_inner(nats_args, secret, &args, Some(tls));
+        g.wait_ready().await;
+        g
     }
 
-    async fn spawn(nats_url: &str, secret: &str, extra: &[&str], tls: Option<GatewayTls>) -> Gateway {
+    /// Starts a gateway with these NATS arguments, without waiting for readiness.
+    pub fn spawn(nats_args: &[String], secret: &str, extra: &[&str]) -> Gateway {
+        Self::spawn_inner(nats_args, secret, extra, None)
+    }
+
+    fn spawn_inner(nats_args: &[String], secret: &str, extra: &[&str], tls: Option<GatewayTls>) -> Gateway {
         let port = free_port();
         let listen_addr = format!("127.0.0.1:{port}");
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let mut args = strings(&["--listen", &listen_addr, "--metrics-addr", &metrics_addr, "--nats-url", nats_url]);
+        let mut args = strings(&["--listen", &listen_addr, "--metrics-addr", &metrics_addr]);
+        args.extend(nats_args.iter().cloned());
         if !extra.contains(&"--cores") {
             args.extend(strings(&["--cores", "1"]));
         }
@@ -155,9 +217,7 @@ impl Gateway {
         }
         args.extend(strings(extra));
         let proc = Proc::spawn("gateway", &bin_path("gateway"), &args, &[("JWT_SECRET", secret)]);
-        let mut g = Gateway { proc, listen_addr, metrics_addr, tls };
-        g.wait_ready().await;
-        g
+        Gateway { proc, listen_addr, metrics_addr, tls }
     }
 
     /// `ws://127.0.0.1:<port>/ws`, or `wss://` when the gateway serves TLS.
@@ -265,31 +325,41 @@ impl System {
         Self::start_with(gateways, &[]).await
     }
 
-    /// Like [`System::start`], with extra arguments for every gateway.
+    /// Like [`System::start`], with extra arguments for every gateway. With `TESTKIT_NATS_AUTH=1`
+    /// the server has the generated authorization (see [`System::start_with_auth`]).
     pub async fn start_with(gateways: usize, gateway_args: &[&str]) -> System {
-        Self::start_inner(gateways, gateway_args, false).await
+        Self::start_on(NatsServer::start_from_env().await, gateways, gateway_args).await
     }
 
     /// Like [`System::start_with`], every gateway serving TLS with a certificate of its own (see
     /// [`Gateway::start_tls`]); [`System::connect`] connects over `wss://`.
     pub async fn start_tls(gateways: usize, gateway_args: &[&str]) -> System {
-        Self::start_inner(gateways, gateway_args, true).await
+        Self::start_inner(NatsServer::start_from_env().await, gateways, gateway_args, true).await
     }
 
-    async fn start_inner(gateways: usize, gateway_args: &[&str], tls: bool) -> System {
-        let nats = NatsServer::start().await;
-        let storage = Storage::start(&nats.url()).await;
-        let router = Router::start(&nats.url(), &[]).await;
+    /// Like [`System::start`] on a server with the generated NATS authorization: every service
+    /// connects with its own role's identity and may use only its role's subjects.
+    pub async fn start_with_auth(gateways: usize, gateway_args: &[&str]) -> System {
+        Self::start_on(NatsServer::start_with_auth().await, gateways, gateway_args).await
+    }
+
+    /// The services on `nats` (with their roles' credentials if it has authorization).
+    pub async fn start_on(nats: NatsServer, gateways: usize, gateway_args: &[&str]) -> System {
+        Self::start_inner(nats, gateways, gateway_args, false).await
+    }
+
+    async fn start_inner(nats: NatsServer, gateways: usize, gateway_args: &[&str], tls: bool) -> System {
+        let storage = Storage::start_on(&nats, &[]).await;
+        let router = Router::start_on(&nats, &[]).await;
         // A fresh secret per system: tokens of one test never work against another.
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let secret = format!("testkit-{}-{}-{n}", std::process::id(), protocol::now_ms());
-        let url = nats.url();
         let gateways = futures::future::join_all((0..gateways).map(|_| async {
             if tls {
-                Gateway::start_tls(&url, &secret, gateway_args).await
+                Gateway::start_tls_with(&nats.service_args(Role::Gateway), &secret, gateway_args).await
             } else {
-                Gateway::start_with(&url, &secret, gateway_args).await
+                Gateway::start_on(&nats, &secret, gateway_args).await
             }
         }))
         .await;

@@ -7,17 +7,16 @@ use testkit::{Gateway, NatsServer, Router, Storage, WsClient};
 
 #[tokio::test]
 async fn undelivered_messages_expire_at_the_inbox_max_age_and_are_counted() {
-    let nats = NatsServer::start().await;
-    let url = nats.url();
+    let nats = NatsServer::start_from_env().await;
     // JetStream wants the duplicate window within every stream's max age.
-    let storage = Storage::start_with(
-        &url,
+    let storage = Storage::start_on(
+        &nats,
         &["--inbox-max-age-secs", "3", "--duplicate-window-secs", "1", "--group-max-age-secs", "60"],
     )
     .await;
-    let _router = Router::start(&url, &[]).await;
+    let _router = Router::start_on(&nats, &[]).await;
     let secret = "expiry-test-secret-0123456789";
-    let gw = Gateway::start(&url, secret).await;
+    let gw = Gateway::start_on(&nats, secret, &[]).await;
     let keys = protocol::TokenKeys::hs256(secret.as_bytes(), 5);
 
     let mut alice = WsClient::open(&gw.ws_url(), &keys.mint("alice", Some("web"), 3600), None, None).await;

@@ -726,8 +726,6 @@ async fn a_connection_storm_past_the_descriptor_limit_leaves_the_gateway_serving
         &metrics_addr,
         "--cores",
         "1",
-        "--nats-url",
-        &sys.nats_url(),
         "--gateway-id",
         &format!("gw-{port}"),
         "--handshake-timeout-secs",
@@ -738,6 +736,7 @@ async fn a_connection_storm_past_the_descriptor_limit_leaves_the_gateway_serving
     ] {
         args.push(a.to_owned());
     }
+    args.extend(sys.nats.service_args(testkit::Role::Gateway));
     let mut gw =
         testkit::Proc::spawn("gateway", std::path::Path::new("/bin/sh"), &args, &[("JWT_SECRET", sys.secret())]);
     gw.wait_ready(&metrics_addr, testkit::READY_TIMEOUT).await;

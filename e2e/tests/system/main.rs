@@ -23,6 +23,7 @@ mod history;
 mod hostile;
 mod malformed;
 mod media;
+mod nats_auth;
 mod presence;
 mod push;
 mod receipts;

@@ -340,7 +340,7 @@ async fn a_user_on_a_gateway_started_later_is_online_for_the_others() {
     let mut alice = Watcher::connect(&sys, 0, "alice", "web").await;
     alice.subscribe(&["bob"]).await;
 
-    let gw = testkit::Gateway::start(&sys.nats_url(), sys.secret()).await;
+    let gw = testkit::Gateway::start_on(&sys.nats, sys.secret(), &[]).await;
     sys.gateways.push(gw);
     let mut bob = sys.connect(1, "bob", "phone").await;
     let gw1 = bob.sync().await.hello["gateway"].clone();

@@ -451,7 +451,8 @@ async fn run(
     revocations: Arc<crate::revocation::Revocations>,
 ) -> anyhow::Result<()> {
     let (ev_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let client = bus::connect(&cfg.nats, &format!("gateway {}", cfg.gateway_id), Some(ev_tx)).await?;
+    let client =
+        bus::connect(&cfg.nats, bus::Role::Gateway, &format!("gateway {}", cfg.gateway_id), Some(ev_tx)).await?;
     let js = jetstream::ContextBuilder::new()
         .ack_timeout(Duration::from_secs(5))
         .max_ack_inflight(20_000)

@@ -24,9 +24,11 @@ use crate::RunArgs;
 pub struct Args {
     #[command(flatten)]
     pub run: RunArgs,
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// The NATS server, and the bench role's credentials when it requires them (the scratch
+    /// stream lives in the account of that identity: `chatctl nats-config` gives the bench role an
+    /// account of its own).
+    #[command(flatten)]
+    pub nats: bus::NatsArgs,
     /// How long to publish.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
@@ -182,9 +184,9 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let mut clients = Vec::new();
     for i in 0..args.connections {
         clients.push(
-            bus::connect(&bus::NatsArgs::new(args.nats_url.clone()), &format!("loadgen baseline {i}"), None)
+            bus::connect(&args.nats, bus::Role::Bench, &format!("loadgen baseline {i}"), None)
                 .await
-                .with_context(|| format!("connecting to {}", args.nats_url))?,
+                .with_context(|| format!("connecting to {}", args.nats.url))?,
         );
     }
     let js = jetstream::new(clients[0].clone());
@@ -241,8 +243,8 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             let slow = Arc::new(AtomicU64::new(0));
             let consumer_client = {
                 let slow = slow.clone();
-                async_nats::ConnectOptions::new()
-                    .name("loadgen baseline consumer")
+                bus::options(&args.nats, bus::Role::Bench, "loadgen baseline consumer", None)
+                    .await?
                     .subscription_capacity(1 << 20)
                     .event_callback(move |ev| {
                         let slow = slow.clone();
@@ -252,7 +254,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
                             }
                         }
                     })
-                    .connect(args.nats_url.as_str())
+                    .connect(bus::server_addrs(&args.nats.url)?)
                     .await
                     .context("connecting the round-trip consumer")?
             };
@@ -336,7 +338,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     });
     let errors_total: u64 = publish.errors.values().sum();
     let config = json!({
-        "nats_url": args.nats_url,
+        "nats_url": args.nats.url,
         "duration_s": args.duration.as_secs_f64(),
         "body_size": args.body_size,
         "payload_bytes": sample_len,

@@ -28,8 +28,8 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> Env {
-        let nats = NatsServer::start().await;
-        let storage = Storage::start(&nats.url()).await;
+        let nats = NatsServer::start_from_env().await;
+        let storage = Storage::start_on(&nats, &[]).await;
         let client = nats.client().await;
         let js = jetstream::new(client.clone());
         Env { storage, nats, client, js }
