@@ -233,6 +233,22 @@ struct Session {
     send_chain: Option<futures::channel::oneshot::Receiver<bool>>,
 }
 
+/// One send of this executor awaiting its answer (`ExecCtx::inflight`), for as long as it lives.
+struct Inflight(Rc<ExecCtx>);
+
+impl Inflight {
+    fn count(ctx: Rc<ExecCtx>) -> Self {
+        ctx.inflight.set(ctx.inflight.get() + 1);
+        Inflight(ctx)
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.inflight.set(self.0.inflight.get() - 1);
+    }
+}
+
 /// Why a session ended, as a metrics label; the close frame (if any) was already sent.
 type Reason = &'static str;
 
@@ -287,10 +303,7 @@ impl Session {
             let step = match wake {
                 Wake::Outbox => Box::pin(self.deliver_live()).await,
                 Wake::Published(None) => Ok(()),
-                Wake::Published(Some(reply)) => {
-                    self.ctx.inflight.set(self.ctx.inflight.get() - 1);
-                    Box::pin(self.answer(reply)).await
-                }
+                Wake::Published(Some(reply)) => Box::pin(self.answer(reply)).await,
                 Wake::Frame(None) => return "client_closed",
                 Wake::Frame(Some(Err(e))) => return Box::pin(self.fail(e)).await,
                 Wake::Frame(Some(Ok(msg))) => {
@@ -738,8 +751,17 @@ impl Session {
     }
 
     fn wait(&self, pending: &mut Pending, fut: impl std::future::Future<Output = Reply> + 'static) {
-        self.ctx.inflight.set(self.ctx.inflight.get() + 1);
-        pending.push_back(fut.boxed_local());
+        // Counted until answered or dropped with the session (a session that ends with sends in
+        // flight must not leave the executor's drain waiting for them until its deadline).
+        let guard = Inflight::count(self.ctx.clone());
+        pending.push_back(
+            async move {
+                let reply = fut.await;
+                drop(guard);
+                reply
+            }
+            .boxed_local(),
+        );
     }
 
     async fn answer(&mut self, reply: Reply) -> Result<(), Reason> {
