@@ -6,6 +6,8 @@
 #   http_head     gateway/src/handshake.rs parse_head (+ token verification on what it parsed):
 #                 every connection's first bytes
 #   stored_json   InboxItem::from_bytes / render_item and the protocol::groups JSON contract
+#   ws_frames     wscodec::Decoder: every byte a client sends after the upgrade, in arbitrary
+#                 read chunks (the same messages and violations whatever the chunking)
 #
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET...]     (default: 60 s each, every target)
 #
@@ -26,7 +28,7 @@ CARGO_FUZZ_VERSION=0.13.2
 secs="${1:-60}"
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(client_frame http_head stored_json)
+((${#targets[@]})) || targets=(client_frame http_head stored_json ws_frames)
 [[ "$secs" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: SECONDS must be a number, got $secs" >&2; exit 2; }
 
 export PATH="$root/.tools/cargo/bin:$PATH"
