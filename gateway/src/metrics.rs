@@ -37,6 +37,10 @@ pub struct Metrics {
     pub nats_reconnects: Counter,
     pub nats_slow_consumers: Counter,
     pub live_subscriptions: Gauge,
+    pub live_mux_connected: Gauge,
+    pub live_mux_reconnects: Counter,
+    live_mux_errors: Family<Labels, Counter>,
+    pub live_copies_dropped: Counter,
     pub presence_pushes: Counter,
     pub typing_events: Counter,
     pub typing_dropped: Counter,
@@ -99,6 +103,10 @@ impl Metrics {
             nats_reconnects: Counter::default(),
             nats_slow_consumers: Counter::default(),
             live_subscriptions: Gauge::default(),
+            live_mux_connected: Gauge::default(),
+            live_mux_reconnects: Counter::default(),
+            live_mux_errors: Family::default(),
+            live_copies_dropped: Counter::default(),
             presence_pushes: Counter::default(),
             typing_events: Counter::default(),
             typing_dropped: Counter::default(),
@@ -145,6 +153,26 @@ impl Metrics {
             m.live_subscriptions.clone(),
         );
         r.register(
+            "gateway_live_mux_connected",
+            "Whether the live multiplexer's NATS connection is up (1) or down (0)",
+            m.live_mux_connected.clone(),
+        );
+        r.register(
+            "gateway_live_mux_reconnects",
+            "Reconnections of the live multiplexer's NATS connection (each resubscribes every user, then resyncs)",
+            m.live_mux_reconnects.clone(),
+        );
+        r.register(
+            "gateway_live_mux_errors",
+            "Live multiplexer errors by kind: connect, protocol (connection dropped), permissions, server (-ERR), message (live copy ignored)",
+            m.live_mux_errors.clone(),
+        );
+        r.register(
+            "gateway_live_copies_dropped",
+            "Live copies dropped because an executor's event queue was full (its connections resync)",
+            m.live_copies_dropped.clone(),
+        );
+        r.register(
             "gateway_presence_pushes",
             "Presence changes pushed to watching connections",
             m.presence_pushes.clone(),
@@ -172,6 +200,10 @@ impl Metrics {
 
     pub fn frame_error(&self, code: &'static str) {
         self.frame_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    pub fn live_mux_error(&self, kind: &'static str) {
+        self.live_mux_errors.get_or_create(&[("kind", kind)]).inc();
     }
 
     pub fn delivered(&self, path: &'static str) {
