@@ -6,6 +6,8 @@
 #   http_head     gateway/src/handshake.rs parse_head (+ token verification on what it parsed):
 #                 every connection's first bytes
 #   stored_json   InboxItem::from_bytes / render_item and the protocol::groups JSON contract
+#   nats_proto    gateway/src/bridge/live_mux/proto.rs: the NATS server operations the gateway's
+#                 live connection parses (MSG, HMSG and header blocks, INFO, -ERR ...), split anywhere
 #
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET...]     (default: 60 s each, every target)
 #
@@ -26,7 +28,7 @@ CARGO_FUZZ_VERSION=0.13.2
 secs="${1:-60}"
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(client_frame http_head stored_json)
+((${#targets[@]})) || targets=(client_frame http_head stored_json nats_proto)
 [[ "$secs" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: SECONDS must be a number, got $secs" >&2; exit 2; }
 
 export PATH="$root/.tools/cargo/bin:$PATH"
@@ -41,8 +43,8 @@ else
     export RUSTC_BOOTSTRAP=1
 fi
 
-declare -A dict=([client_frame]=json [stored_json]=json [http_head]=http)
-declare -A max_len=([client_frame]=8192 [stored_json]=8192 [http_head]=9216)
+declare -A dict=([client_frame]=json [stored_json]=json [http_head]=http [nats_proto]=nats)
+declare -A max_len=([client_frame]=8192 [stored_json]=8192 [http_head]=9216 [nats_proto]=8192)
 
 # -a: debug assertions (integer overflow checks) in the fuzzed code.
 mkdir -p artifacts

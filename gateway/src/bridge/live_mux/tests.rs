@@ -293,3 +293,103 @@ fn classifies_live_copies_by_their_headers() {
     assert!(classify(Some(b"NATS/1.0\r\n\r\n")).is_err());
     assert!(classify(Some(b"garbage")).is_err());
 }
+
+/// What a subscription costs the process: resident memory before and after `MUX_MEASURE_USERS`
+/// (10,000 by default) confirmed subscriptions with one delivery each, like
+/// bus/examples/subscription_cost.rs measures for async-nats subscribers (5.4 KB each). Not a
+/// check (RSS depends on the allocator and the machine): it prints the figure.
+/// `cargo nextest run -p gateway --run-ignored only -E 'test(memory_per_subscription)' --no-capture`
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn memory_per_subscription() {
+    let n: u64 = std::env::var("MUX_MEASURE_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let mut h = Harness::start(&nats.url());
+    h.wait_ready().await;
+    // Warm up: the first subscription and delivery allocate the buffers every later one reuses.
+    let (warm, ok) = h.subscribe("warmup").await;
+    assert!(ok);
+    client.publish_with_headers("live.warmup", stored(1, 0), "x".into()).await.unwrap();
+    h.delivery().await;
+    h.mux.unsubscribe(warm);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = crate::metrics::resident_bytes();
+    let mut last = 0;
+    for i in 0..n {
+        last = h.mux.subscribe(user(&format!("user-{i:07}")));
+    }
+    assert!(h.confirmation(last).await);
+    for i in 0..n {
+        client.publish_with_headers(format!("live.user-{i:07}"), stored(i + 2, 0), "x".into()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    for _ in 0..n {
+        h.delivery().await;
+    }
+    let after = crate::metrics::resident_bytes();
+    println!(
+        "subscriptions={n} rss_before={before} rss_after={after} bytes_per_subscription={}",
+        after.saturating_sub(before) / n
+    );
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`: (ca, cert, key).
+fn test_pki(dir: &Path) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "live mux test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        display(&path)
+    };
+    (write("ca.pem", ca.pem()), write("cert.pem", cert.pem()), write("key.pem", key.serialize_pem()))
+}
+
+/// TLS for `tls://` URLs and for servers that require it, verified against the CA that
+/// `SSL_CERT_FILE` names (nextest runs each test in its own process, so setting it here touches
+/// no other test).
+#[tokio::test]
+async fn tls_when_the_url_or_the_server_asks_for_it() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_pki(pki.path());
+    std::env::set_var("SSL_CERT_FILE", &ca);
+    let server = ConfiguredServer::start(&format!("tls {{ cert_file: \"{cert}\", key_file: \"{key}\" }}\n")).await;
+    for url in [format!("tls://127.0.0.1:{}", server.port), format!("nats://127.0.0.1:{}", server.port)] {
+        let mut h = Harness::start(&url);
+        h.wait_ready().await;
+        let (_, ok) = h.subscribe("alice").await;
+        assert!(ok, "{url}");
+        let client = async_nats::ConnectOptions::new()
+            .add_root_certificates(ca.clone().into())
+            .require_tls(true)
+            .connect(format!("tls://127.0.0.1:{}", server.port))
+            .await
+            .unwrap();
+        client.publish_with_headers("live.alice", stored(3, 1), "secret".into()).await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(h.delivery().await.payload, "secret", "{url}");
+    }
+}
+
+/// A `tls://` URL to a server without TLS fails (and says so): never a plain-text fallback.
+#[tokio::test]
+async fn tls_url_to_a_plain_server_never_falls_back() {
+    let nats = NatsServer::start().await;
+    let mut h = Harness::start(&format!("tls://127.0.0.1:{}", nats.port()));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while h.metric("gateway_live_mux_errors_total{kind=\"connect\"}") < 2.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no failed connection attempts counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, ok) = h.subscribe("alice").await;
+    assert!(!ok);
+    assert_eq!(h.metric("gateway_live_mux_connected"), 0.0);
+}
