@@ -386,13 +386,15 @@ impl Task {
         res
     }
 
-    /// Adds the cluster's other servers (from INFO) to the rotation, with the first server's
-    /// scheme; userinfo is not carried over.
+    /// Adds the cluster's other servers (from INFO) to the rotation, with the first configured
+    /// server's scheme and URL credentials (a cluster shares its users).
     fn learn_servers(&mut self, info: &ServerInfo) {
-        let tls = self.servers.first().is_some_and(|s| s.tls);
+        let first = self.servers[0].clone();
         for url in &info.connect_urls {
             let Ok(mut addr) = ServerAddr::parse(url) else { continue };
-            addr.tls = tls;
+            addr.tls = first.tls;
+            addr.user.clone_from(&first.user);
+            addr.password.clone_from(&first.password);
             if !self.servers.iter().any(|s| s.host == addr.host && s.port == addr.port) {
                 tracing::info!(server = ?addr, "live multiplexer: discovered NATS server");
                 self.servers.push(addr);

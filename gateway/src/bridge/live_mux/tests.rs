@@ -295,9 +295,12 @@ fn classifies_live_copies_by_their_headers() {
 }
 
 /// What a subscription costs the process: resident memory before and after `MUX_MEASURE_USERS`
-/// (10,000 by default) confirmed subscriptions with one delivery each, like
-/// bus/examples/subscription_cost.rs measures for async-nats subscribers (5.4 KB each). Not a
-/// check (RSS depends on the allocator and the machine): it prints the figure.
+/// (10,000 by default) more confirmed subscriptions with one delivery each, like
+/// bus/examples/subscription_cost.rs measures for async-nats subscribers (5.4 KB each). A first
+/// round of as many users warms up what is allocated once (channel blocks, buffers, the test's
+/// own publishing client), so the second round shows what each further user costs: its map
+/// entry, its user id, and the map's growth. Not a check (RSS depends on the allocator and the
+/// machine): it prints the figures.
 /// `cargo nextest run -p gateway --run-ignored only -E 'test(memory_per_subscription)' --no-capture`
 #[tokio::test]
 #[ignore = "a measurement, not a check"]
@@ -307,31 +310,29 @@ async fn memory_per_subscription() {
     let client = nats.client().await;
     let mut h = Harness::start(&nats.url());
     h.wait_ready().await;
-    // Warm up: the first subscription and delivery allocate the buffers every later one reuses.
-    let (warm, ok) = h.subscribe("warmup").await;
-    assert!(ok);
-    client.publish_with_headers("live.warmup", stored(1, 0), "x".into()).await.unwrap();
-    h.delivery().await;
-    h.mux.unsubscribe(warm);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = crate::metrics::resident_bytes();
-    let mut last = 0;
-    for i in 0..n {
-        last = h.mux.subscribe(user(&format!("user-{i:07}")));
+    let mut seq = 0;
+    for round in 0..2 {
+        let before = crate::metrics::resident_bytes();
+        let mut last = 0;
+        for i in 0..n {
+            last = h.mux.subscribe(user(&format!("user-{round}-{i:07}")));
+        }
+        assert!(h.confirmation(last).await);
+        for i in 0..n {
+            seq += 1;
+            client.publish_with_headers(format!("live.user-{round}-{i:07}"), stored(seq, 0), "x".into()).await.unwrap();
+        }
+        client.flush().await.unwrap();
+        for _ in 0..n {
+            h.delivery().await;
+        }
+        let after = crate::metrics::resident_bytes();
+        println!(
+            "round={round} ({}) subscriptions_added={n} rss_before={before} rss_after={after} bytes_per_subscription={}",
+            if round == 0 { "warm-up" } else { "marginal" },
+            after.saturating_sub(before) / n
+        );
     }
-    assert!(h.confirmation(last).await);
-    for i in 0..n {
-        client.publish_with_headers(format!("live.user-{i:07}"), stored(i + 2, 0), "x".into()).await.unwrap();
-    }
-    client.flush().await.unwrap();
-    for _ in 0..n {
-        h.delivery().await;
-    }
-    let after = crate::metrics::resident_bytes();
-    println!(
-        "subscriptions={n} rss_before={before} rss_after={after} bytes_per_subscription={}",
-        after.saturating_sub(before) / n
-    );
 }
 
 /// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`: (ca, cert, key).
