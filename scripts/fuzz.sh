@@ -8,6 +8,8 @@
 #   stored_json   InboxItem::from_bytes / render_item and the protocol::groups JSON contract
 #   ws_frames     wscodec::Decoder: every byte a client sends after the upgrade, in arbitrary
 #                 read chunks (the same messages and violations whatever the chunking)
+#   nats_proto    gateway/src/bridge/live_mux/proto.rs: the NATS server operations the gateway's
+#                 live connection parses (MSG, HMSG and header blocks, INFO, -ERR ...), split anywhere
 #
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET...]     (default: 60 s each, every target)
 #
@@ -28,7 +30,7 @@ CARGO_FUZZ_VERSION=0.13.2
 secs="${1:-60}"
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(client_frame http_head stored_json ws_frames)
+((${#targets[@]})) || targets=(client_frame http_head stored_json ws_frames nats_proto)
 [[ "$secs" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: SECONDS must be a number, got $secs" >&2; exit 2; }
 
 export PATH="$root/.tools/cargo/bin:$PATH"
@@ -43,8 +45,8 @@ else
     export RUSTC_BOOTSTRAP=1
 fi
 
-declare -A dict=([client_frame]=json [stored_json]=json [http_head]=http)
-declare -A max_len=([client_frame]=8192 [stored_json]=8192 [http_head]=9216)
+declare -A dict=([client_frame]=json [stored_json]=json [http_head]=http [nats_proto]=nats)
+declare -A max_len=([client_frame]=8192 [stored_json]=8192 [http_head]=9216 [nats_proto]=8192)
 
 # -a: debug assertions (integer overflow checks) in the fuzzed code.
 mkdir -p artifacts

@@ -1,6 +1,8 @@
-//! Measures what one core NATS subscription costs the gateway's process: the gateway holds one
-//! async-nats `Subscriber` per connected user (on `live.<user>`), merged into one `SelectAll`
-//! stream, as gateway/src/bridge.rs does. Prints resident memory before and after N of them.
+//! Measures what one async-nats core NATS subscription costs a process: one `Subscriber` per
+//! connected user (on `live.<user>`), merged into one `SelectAll` stream, as the gateway's bridge
+//! held them before its live multiplexer (gateway/src/bridge/live_mux/, whose own figure comes
+//! from the ignored test `memory_per_subscription` there). Prints resident memory before and
+//! after N of them.
 //!
 //! `cargo run --release -p bus --example subscription_cost -- nats://127.0.0.1:4222 10000`
 

@@ -51,7 +51,7 @@ impl NatsArgs {
 
     /// How these arguments authenticate, with the secrets read from their files (or the
     /// environment). Errors name the file or setting at fault.
-    fn auth(&self) -> anyhow::Result<Auth> {
+    pub fn auth(&self) -> anyhow::Result<Auth> {
         let read = |p: &PathBuf, what: &str| -> anyhow::Result<String> {
             let s = std::fs::read_to_string(p).with_context(|| format!("reading the {what} file {}", p.display()))?;
             let s = s.trim().to_owned();
@@ -86,9 +86,12 @@ impl NatsArgs {
     }
 }
 
-enum Auth {
+/// How a service authenticates to NATS (see [`NatsArgs::auth`]).
+pub enum Auth {
     None,
+    /// A credentials file (user JWT and nkey seed).
     Creds(PathBuf),
+    /// An nkey seed.
     Nkey(String),
     UserPassword(String, String),
 }

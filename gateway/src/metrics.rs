@@ -38,6 +38,10 @@ pub struct Metrics {
     pub nats_reconnects: Counter,
     pub nats_slow_consumers: Counter,
     pub live_subscriptions: Gauge,
+    pub live_mux_connected: Gauge,
+    pub live_mux_reconnects: Counter,
+    live_mux_errors: Family<Labels, Counter>,
+    pub live_copies_dropped: Counter,
     pub presence_pushes: Counter,
     pub typing_events: Counter,
     pub typing_dropped: Counter,
@@ -103,6 +107,10 @@ impl Metrics {
             nats_reconnects: Counter::default(),
             nats_slow_consumers: Counter::default(),
             live_subscriptions: Gauge::default(),
+            live_mux_connected: Gauge::default(),
+            live_mux_reconnects: Counter::default(),
+            live_mux_errors: Family::default(),
+            live_copies_dropped: Counter::default(),
             presence_pushes: Counter::default(),
             typing_events: Counter::default(),
             typing_dropped: Counter::default(),
@@ -149,6 +157,26 @@ impl Metrics {
             "gateway_live_subscriptions",
             "Live NATS subscriptions (one per connected user)",
             m.live_subscriptions.clone(),
+        );
+        r.register(
+            "gateway_live_mux_connected",
+            "Whether the live multiplexer's NATS connection is up (1) or down (0)",
+            m.live_mux_connected.clone(),
+        );
+        r.register(
+            "gateway_live_mux_reconnects",
+            "Reconnections of the live multiplexer's NATS connection (each resubscribes every user, then resyncs)",
+            m.live_mux_reconnects.clone(),
+        );
+        r.register(
+            "gateway_live_mux_errors",
+            "Live multiplexer errors by kind: connect, protocol (connection dropped), permissions, server (-ERR), message (live copy ignored)",
+            m.live_mux_errors.clone(),
+        );
+        r.register(
+            "gateway_live_copies_dropped",
+            "Live copies dropped because an executor's event queue was full (its connections resync)",
+            m.live_copies_dropped.clone(),
         );
         r.register(
             "gateway_presence_pushes",
@@ -204,6 +232,10 @@ impl Metrics {
     /// A request refused by the `scope` limit of `kind`.
     pub fn rate_limited(&self, scope: &'static str, kind: &'static str) {
         self.rate_limited.get_or_create(&[("scope", scope), ("kind", kind)]).inc();
+    }
+
+    pub fn live_mux_error(&self, kind: &'static str) {
+        self.live_mux_errors.get_or_create(&[("kind", kind)]).inc();
     }
 
     pub fn delivered(&self, path: &'static str) {

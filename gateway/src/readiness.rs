@@ -1,5 +1,6 @@
 //! Readiness of the gateway, as `/readyz` reports it: ready only while the backbone (NATS and
-//! the streams) is reachable, every executor is listening, and the gateway is not draining.
+//! the streams) is reachable, the live multiplexer's NATS connection has its subscriptions in
+//! place, every executor is listening, and the gateway is not draining.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 pub struct Readiness {
     health: Arc<telemetry::Health>,
     backbone: AtomicBool,
+    live: AtomicBool,
     listening: AtomicUsize,
     executors: usize,
     draining: AtomicBool,
@@ -17,6 +19,7 @@ impl Readiness {
         Readiness {
             health,
             backbone: AtomicBool::new(false),
+            live: AtomicBool::new(false),
             listening: AtomicUsize::new(0),
             executors,
             draining: AtomicBool::new(false),
@@ -25,6 +28,12 @@ impl Readiness {
 
     pub fn set_backbone(&self, up: bool) {
         self.backbone.store(up, Ordering::SeqCst);
+        self.update();
+    }
+
+    /// The live multiplexer is connected with every subscription confirmed (or not).
+    pub fn set_live(&self, up: bool) {
+        self.live.store(up, Ordering::SeqCst);
         self.update();
     }
 
@@ -45,6 +54,7 @@ impl Readiness {
 
     fn update(&self) {
         let ready = self.backbone.load(Ordering::SeqCst)
+            && self.live.load(Ordering::SeqCst)
             && self.listening.load(Ordering::SeqCst) >= self.executors
             && !self.draining.load(Ordering::SeqCst);
         self.health.set_ready(ready);
@@ -60,6 +70,7 @@ mod tests {
         let h = Arc::new(telemetry::Health::default());
         let r = Readiness::new(h.clone(), 2);
         r.set_backbone(true);
+        r.set_live(true);
         assert!(!h.is_ready());
         r.listening();
         r.listening();
@@ -67,6 +78,10 @@ mod tests {
         r.set_backbone(false);
         assert!(!h.is_ready());
         r.set_backbone(true);
+        r.set_live(false);
+        assert!(!h.is_ready());
+        r.set_live(true);
+        assert!(h.is_ready());
         r.drain();
         assert!(!h.is_ready());
     }

@@ -290,6 +290,23 @@ impl Gateway {
         }
     }
 
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let (code, body) = crate::http_get(&self.metrics_url()).await.expect("gateway metrics");
+        assert_eq!(code, 200);
+        body
+    }
+
+    /// The value of a metric line, by name with its labels if any (0 when absent):
+    /// `metric("gateway_live_mux_reconnects_total")`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// SIGKILL, no drain.
     pub fn kill9(&mut self) {
         self.proc.kill9()

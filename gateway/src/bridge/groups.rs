@@ -3,6 +3,7 @@
 //! with commands for a group queued in arrival order while its state loads.
 
 use super::*;
+use futures::StreamExt as _;
 
 /// How long a group's membership, read from KV `groups`, is trusted for checking sends. Every
 /// change to the bucket is also pushed to the gateway (a watch of KV `groups`) and applied to

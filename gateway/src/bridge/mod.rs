@@ -5,12 +5,15 @@
 //! The bridge owns:
 //! * publishing to JetStream, answering each publish with its PubAck (sequence, duplicate);
 //! * live interest: one core NATS subscription on `live.<user>` per user connected to this
-//!   gateway, shared by all of the user's connections on all executors (see ARCHITECTURE.md for
-//!   its measured cost), and the forwarding of live copies to the executors that want them;
+//!   gateway, shared by all of the user's connections on all executors, held by the live
+//!   multiplexer ([`live_mux`]: its own NATS connection, a map entry per user), and the
+//!   forwarding of live copies to the executors that want them, with a bound on each executor's
+//!   queue (overflow drops the copy and resyncs that executor's connections);
 //! * inbox reads for drains, device cursors (debounced writes) and delivery receipts (coalesced
 //!   per conversation);
-//! * NATS connection events: after a reconnect or a slow-consumer event every connection is told
-//!   to resync from its inbox, since live copies may have been dropped meanwhile.
+//! * connection events: after the live multiplexer reconnects (and has every subscription back)
+//!   every connection is told to resync from its inbox, since live copies may have been lost
+//!   meanwhile.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,8 +22,6 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use bytes::Bytes;
 use futures::channel::oneshot;
-use futures::stream::{AbortHandle, Abortable, SelectAll};
-use futures::StreamExt;
 use fxhash::FxHashMap;
 use protocol::groups::{
     GroupReply, GroupRequest, GroupState, ReceiptEvent, UserSettings, WhoReadReply, WhoReadRequest,
@@ -34,11 +35,18 @@ use crate::readiness::Readiness;
 
 mod groups;
 mod kv;
+pub mod live_mux;
 mod publish;
 
 use groups::*;
 use kv::*;
+use live_mux::{LiveDelivery, LiveKind, LiveMux, MuxConfig, MuxEvent};
 use publish::*;
+
+/// Live copies queued for one executor beyond which further copies are dropped (and that
+/// executor's connections resync from their inboxes): an executor that stops keeping up cannot
+/// make the bridge buffer without bound.
+const EXEC_QUEUE_LIMIT: usize = 65_536;
 
 /// Settings the bridge needs from the gateway's config.
 #[derive(Debug, Clone)]
@@ -417,18 +425,13 @@ pub fn start(
 struct Interest {
     /// Connections per executor: (executor, count).
     execs: Vec<(usize, u32)>,
-    abort: AbortHandle,
-    /// Subscribers waiting until the server has the subscription.
+    /// The live multiplexer's subscription.
+    sid: u64,
+    /// Subscribers waiting until the server confirms the subscription.
     waiting: Option<Vec<oneshot::Sender<()>>>,
 }
 
-type LiveStream = Abortable<
-    futures::stream::Map<async_nats::Subscriber, Box<dyn FnMut(async_nats::Message) -> (UserId, async_nats::Message)>>,
->;
-
 enum Internal {
-    /// The server has the subscription for this user (or failed to: then `ok` is false).
-    Subscribed(UserId, bool),
     /// A receipt publish failed; retry it at the next flush.
     RetryReceipt(ReceiptKey, u64),
     /// A group's state was read from KV (None: no such group; Err: unavailable).
@@ -450,6 +453,9 @@ async fn run(
     ready: Arc<Readiness>,
     revocations: Arc<crate::revocation::Revocations>,
 ) -> anyhow::Result<()> {
+    // The live multiplexer dials on its own, in parallel with the main connection.
+    let mux_cfg = MuxConfig { nats: cfg.nats.clone(), name: format!("gateway {} live", cfg.gateway_id) };
+    let (mut mux, mut mux_events) = LiveMux::spawn(mux_cfg, metrics.clone(), ready.clone())?;
     let (ev_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let client =
         bus::connect(&cfg.nats, bus::Role::Gateway, &format!("gateway {}", cfg.gateway_id), Some(ev_tx)).await?;
@@ -464,7 +470,7 @@ async fn run(
 
     let (int_tx, mut internal) = tokio::sync::mpsc::unbounded_channel::<Internal>();
     let mut interests: FxHashMap<UserId, Interest> = FxHashMap::default();
-    let mut live: SelectAll<LiveStream> = SelectAll::new();
+    let mut lagging = Lagging::new(exec_tx.len());
     let mut cursors: FxHashMap<(UserId, DeviceId), u64> = FxHashMap::default();
     let mut receipts: FxHashMap<ReceiptKey, u64> = FxHashMap::default();
     let mut groups: FxHashMap<String, CachedGroup> = FxHashMap::default();
@@ -557,6 +563,10 @@ async fn run(
                         });
                     }
                     Command::Subscribe { user, exec, reply } => {
+                        // Every subscriber waits for a PING/PONG round trip on the live
+                        // connection after the SUB: then the server has the interest, and a
+                        // drain started afterwards cannot miss an item. A user already
+                        // subscribed costs one more PING (batched with others).
                         if let Some(i) = interests.get_mut(&user) {
                             match i.execs.iter_mut().find(|(e, _)| *e == exec) {
                                 Some((_, n)) => *n += 1,
@@ -564,33 +574,17 @@ async fn run(
                             }
                             match &mut i.waiting {
                                 Some(w) => w.push(reply),
-                                None => { let _ = reply.send(()); }
+                                None => {
+                                    i.waiting = Some(vec![reply]);
+                                    mux.confirm(i.sid);
+                                }
                             }
                             continue;
                         }
-                        match client.subscribe(subjects::live(&user)).await {
-                            Ok(sub) => {
-                                let u = user.clone();
-                                let tag: Box<dyn FnMut(async_nats::Message) -> (UserId, async_nats::Message)> =
-                                    Box::new(move |m| (u.clone(), m));
-                                let (abort, reg) = AbortHandle::new_pair();
-                                live.push(Abortable::new(sub.map(tag), reg));
-                                interests.insert(user.clone(), Interest { execs: vec![(exec, 1)], abort, waiting: Some(vec![reply]) });
-                                let _ = presence.send(PresenceCmd::Online(user.clone()));
-                                metrics.live_subscriptions.inc();
-                                // The reply waits for a round trip to the server (PING/PONG):
-                                // after it, the subscription is registered there.
-                                let (client, int_tx) = (client.clone(), int_tx.clone());
-                                tokio::spawn(async move {
-                                    let ok = client.flush().await.is_ok();
-                                    let _ = int_tx.send(Internal::Subscribed(user, ok));
-                                });
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "live subscribe failed");
-                                drop(reply);
-                            }
-                        }
+                        let sid = mux.subscribe(user.clone());
+                        interests.insert(user.clone(), Interest { execs: vec![(exec, 1)], sid, waiting: Some(vec![reply]) });
+                        let _ = presence.send(PresenceCmd::Online(user.clone()));
+                        metrics.live_subscriptions.inc();
                     }
                     Command::Unsubscribe { user, exec } => {
                         let Some(i) = interests.get_mut(&user) else { continue };
@@ -601,8 +595,7 @@ async fn run(
                             }
                         }
                         if i.execs.is_empty() {
-                            // Ending the stream drops the Subscriber, which unsubscribes.
-                            i.abort.abort();
+                            mux.unsubscribe(i.sid);
                             interests.remove(&user);
                             let _ = presence.send(PresenceCmd::Offline(user.clone()));
                             metrics.live_subscriptions.dec();
@@ -667,17 +660,20 @@ async fn run(
                     }
                 }
             }
-            Some((user, msg)) = live.next(), if !live.is_empty() => {
-                forward_live(&interests, &exec_tx, user, msg);
-            }
-            Some(int) = internal.recv() => match int {
-                Internal::Subscribed(user, ok) => {
-                    if let Some(i) = interests.get_mut(&user) {
+            Some(ev) = mux_events.recv() => match ev {
+                MuxEvent::Live(d) => forward_live(&interests, &exec_tx, &mut lagging, &metrics, d),
+                MuxEvent::Confirmed { user, sid, ok } => {
+                    if let Some(i) = interests.get_mut(&user).filter(|i| i.sid == sid) {
+                        // Dropping a waiter tells its connection the backbone is unavailable.
                         for w in i.waiting.take().unwrap_or_default() {
                             if ok { let _ = w.send(()); }
                         }
                     }
                 }
+                MuxEvent::Resubscribed => resync_all(&exec_tx),
+            },
+            _ = lagging.tick.tick(), if lagging.any() => lagging.release(&exec_tx),
+            Some(int) = internal.recv() => match int {
                 Internal::RetryReceipt(key, up_to) => {
                     let e = receipts.entry(key).or_insert(0);
                     *e = (*e).max(up_to);
@@ -711,6 +707,8 @@ async fn run(
                     }
                 },
             },
+            // The main connection carries no live copies (the multiplexer does, and resyncs
+            // after its own reconnects): its events only count and gate readiness.
             Some(ev) = events.recv() => match ev {
                 async_nats::Event::Disconnected => { disconnected = true; ready.set_backbone(false); }
                 async_nats::Event::Connected => {
@@ -718,13 +716,9 @@ async fn run(
                     if disconnected {
                         disconnected = false;
                         metrics.nats_reconnects.inc();
-                        resync_all(&exec_tx);
                     }
                 }
-                async_nats::Event::SlowConsumer(_) => {
-                    metrics.nats_slow_consumers.inc();
-                    resync_all(&exec_tx);
-                }
+                async_nats::Event::SlowConsumer(_) => { metrics.nats_slow_consumers.inc(); }
                 _ => {}
             },
             _ = cursor_tick.tick(), if !cursors.is_empty() => {
@@ -759,30 +753,73 @@ async fn run(
 fn forward_live(
     interests: &FxHashMap<UserId, Interest>,
     exec_tx: &[flume::Sender<ExecEvent>],
-    user: UserId,
-    msg: async_nats::Message,
+    lagging: &mut Lagging,
+    metrics: &Metrics,
+    d: LiveDelivery,
 ) {
-    let Some(i) = interests.get(&user) else {
+    let Some(i) = interests.get(&d.user) else {
         return;
     };
-    if msg.headers.as_ref().is_some_and(|h| h.get(EPHEMERAL_HEADER).is_some()) {
-        for (exec, _) in &i.execs {
-            let _ = exec_tx[*exec].send(ExecEvent::Ephemeral {
-                user: user.clone(),
-                frame: msg.payload.clone(),
-                presence: false,
-            });
-        }
-        return;
-    }
-    let header = |name: &str| -> Option<u64> { msg.headers.as_ref()?.get(name)?.as_str().parse().ok() };
-    let Some(seq) = header("Nats-Sequence") else {
-        tracing::warn!(subject = %msg.subject, "live copy without Nats-Sequence ignored");
-        return;
-    };
-    let prev = header("Nats-Last-Sequence").unwrap_or(0);
+    // A resync owed to an executor goes before any later copy.
+    lagging.release(exec_tx);
     for (exec, _) in &i.execs {
-        let _ = exec_tx[*exec].send(ExecEvent::Live { user: user.clone(), seq, prev, payload: msg.payload.clone() });
+        let tx = &exec_tx[*exec];
+        if tx.len() >= EXEC_QUEUE_LIMIT {
+            metrics.live_copies_dropped.inc();
+            // A dropped typing frame needs no resync; a dropped stored item does.
+            if matches!(d.kind, LiveKind::Stored { .. }) {
+                lagging.mark(*exec);
+            }
+            continue;
+        }
+        let ev = match d.kind {
+            LiveKind::Ephemeral => {
+                ExecEvent::Ephemeral { user: d.user.clone(), frame: d.payload.clone(), presence: false }
+            }
+            LiveKind::Stored { seq, prev } => {
+                ExecEvent::Live { user: d.user.clone(), seq, prev, payload: d.payload.clone() }
+            }
+        };
+        let _ = tx.send(ev);
+    }
+}
+
+/// Executors that had live copies dropped (their queue was full) and owe their connections a
+/// resync, sent once their queue has room again.
+struct Lagging {
+    owed: Vec<bool>,
+    tick: tokio::time::Interval,
+}
+
+impl Lagging {
+    fn new(executors: usize) -> Lagging {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Lagging { owed: vec![false; executors], tick }
+    }
+
+    fn any(&self) -> bool {
+        self.owed.iter().any(|o| *o)
+    }
+
+    fn mark(&mut self, exec: usize) {
+        if !self.owed[exec] {
+            tracing::warn!(
+                executor = exec,
+                limit = EXEC_QUEUE_LIMIT,
+                "executor queue full: dropping live copies, its connections will resync"
+            );
+        }
+        self.owed[exec] = true;
+    }
+
+    fn release(&mut self, exec_tx: &[flume::Sender<ExecEvent>]) {
+        for (exec, owed) in self.owed.iter_mut().enumerate() {
+            if *owed && exec_tx[exec].len() < EXEC_QUEUE_LIMIT {
+                *owed = false;
+                let _ = exec_tx[exec].send(ExecEvent::ResyncAll);
+            }
+        }
     }
 }
 

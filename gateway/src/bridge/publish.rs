@@ -61,7 +61,7 @@ pub(super) async fn publish(
 }
 
 /// Header marking a frame on `live.<user>` that was never stored (typing).
-pub(super) const EPHEMERAL_HEADER: &str = "Chat-Ephemeral";
+use super::live_mux::EPHEMERAL_HEADER;
 
 /// Header marking an inbox item that deserves a push notification (storage/README.md).
 use protocol::subjects::PUSH_HEADER;
