@@ -5,6 +5,7 @@
 //! * `connect`   — connection capacity: handshake latency and gateway memory per connection.
 //! * `baseline`  — the backbone's own limit: raw JetStream publish rate (and round trip).
 //! * `group`     — a 1024-member group: send to the last member, fan-out rate, with a ledger.
+//! * `peer`      — the gateway against reference tokio-tungstenite and Node `ws` servers.
 
 use std::path::PathBuf;
 
@@ -13,12 +14,13 @@ use clap::{Parser, Subcommand};
 mod client;
 mod hist;
 mod ledger;
+mod procfs;
 mod report;
 mod scenario;
 mod scrape;
 mod util;
 
-use scenario::{baseline, chat, connect, group};
+use scenario::{baseline, chat, connect, group, peer};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -77,6 +79,11 @@ enum Cmd {
     /// Raw JetStream publish throughput with async acks to a scratch stream configured like
     /// INBOX: the backbone's own limit, which chat results are stated against.
     Baseline(baseline::Args),
+    /// The gateway against reference servers (peers/tokio-ws, peers/node-ws) on the same
+    /// workloads in one run: memory per idle connection and messages/s per core (echo and
+    /// broadcast at max rate), as ratios beside the targets of issue #9. Started by
+    /// bench-results/peer.sh, which starts every server and passes their URLs and pids.
+    Peer(peer::Args),
     /// Internal: one process of `connect` (spawned by it).
     #[command(hide = true)]
     ConnectWorker {
@@ -94,6 +101,7 @@ fn main() {
         Cmd::Connect(_) => 1,
         Cmd::Baseline(a) => a.run.threads(),
         Cmd::Group(a) => a.run.threads(),
+        Cmd::Peer(a) => a.run.threads(),
         Cmd::ConnectWorker { threads, .. } => threads.unwrap_or(1).max(1),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
@@ -109,6 +117,7 @@ fn main() {
             Cmd::Connect(a) => connect::run(a).await,
             Cmd::Baseline(a) => baseline::run(a).await,
             Cmd::Group(a) => group::run(a).await,
+            Cmd::Peer(a) => peer::run(a).await,
             Cmd::ConnectWorker { args, .. } => connect::worker(args).await,
         }
     });

@@ -4,3 +4,4 @@ pub mod baseline;
 pub mod chat;
 pub mod connect;
 pub mod group;
+pub mod peer;
