@@ -767,7 +767,7 @@ pub async fn measure(args: &Args, mut mark: impl FnMut(Mark)) -> anyhow::Result<
         }
     }
     if let Some(size) = args.layout.group_size() {
-        if args.users % size != 0 {
+        if !args.users.is_multiple_of(size) {
             bail!("{} needs --users to be a multiple of {size} (groups of {size})", args.layout.name());
         }
     }

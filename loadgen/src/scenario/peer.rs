@@ -524,7 +524,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     if a.secret.len() < 16 {
         bail!("the token secret (--secret or JWT_SECRET) must be at least 16 bytes, like the gateway's");
     }
-    if a.workloads.contains(&Workload::Broadcast) && (a.fanout == 0 || a.users % (a.fanout + 1) != 0) {
+    if a.workloads.contains(&Workload::Broadcast) && (a.fanout == 0 || !a.users.is_multiple_of(a.fanout + 1)) {
         bail!("broadcast: --users ({}) must be a multiple of --fanout + 1 ({})", a.users, a.fanout + 1);
     }
     for t in &targets {
@@ -719,7 +719,8 @@ window {} per connection, {} users, {} each; broadcast to {} recipients per mess
                 ));
             }
         }
-        for (name, w) in v["workloads"].as_object().into_iter().flatten() {
+        // In the order they ran (the JSON object is sorted by name).
+        for (name, w) in a.workloads.iter().filter_map(|w| Some((w.name(), v["workloads"].get(w.name())?))) {
             if let Some(e) = w["error"].as_str() {
                 md.push_str(&format!("| {name} | error: {e} |\n"));
                 continue;

@@ -100,6 +100,8 @@ impl Auth {
 async fn connection(hub: Arc<Hub>, auth: Arc<Auth>, config: WebSocketConfig, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let mut who = None;
+    // The callback's error type is tungstenite's (an HTTP response), not ours to shrink.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         match auth.identify(req) {
             Ok(id) => {
