@@ -174,9 +174,10 @@ pub struct Check {
     pub failed: u64,
     /// Never answered (neither `sent` nor `error`) by the end of the grace period.
     pub unanswered: u64,
-    /// Acknowledged messages delivered exactly once to their recipient.
+    /// Deliveries of acknowledged messages that happened exactly once (one per recipient: a
+    /// group message to K members counts K).
     pub delivered_once: u64,
-    /// Acknowledged but never delivered. A violation.
+    /// Deliveries of acknowledged messages that never happened (per recipient). A violation.
     pub lost: u64,
     /// Extra deliveries of a message under a new inbox sequence (stored twice). A violation.
     pub duplicates: u64,
@@ -216,13 +217,13 @@ impl Check {
     }
 }
 
-/// Joins the books. `issued[s]` is how many messages sender `s` issued; `target(s, seq)` is the
-/// recipient of message `seq` of `s`.
-pub fn check(
+/// Joins the books. `issued[s]` is how many messages sender `s` issued; `targets(s, seq)` are the
+/// recipients of message `seq` of `s` (one for 1:1, the other members for a group).
+pub fn check<'a>(
     issued: &[u64],
     senders: &[SenderBook],
     receivers: &[ReceiverBook],
-    target: impl Fn(usize, u64) -> usize,
+    targets: impl Fn(usize, u64) -> &'a [usize],
 ) -> Check {
     let mut c = Check::default();
     for (s, book) in senders.iter().enumerate() {
@@ -231,30 +232,23 @@ pub fn check(
         c.unknown_ids += book.unknown_ids;
         for seq in 0..issued[s] {
             c.issued += 1;
-            let n = receivers[target(s, seq)].count(s as u32, seq);
-            if n > 1 {
-                c.duplicates += (n - 1) as u64;
+            let status = book.status(seq);
+            match status {
+                SendStatus::Sent => c.acknowledged += 1,
+                SendStatus::Failed => c.failed += 1,
+                SendStatus::Unanswered => c.unanswered += 1,
             }
-            match book.status(seq) {
-                SendStatus::Sent => {
-                    c.acknowledged += 1;
-                    match n {
-                        0 => c.lost += 1,
-                        1 => c.delivered_once += 1,
-                        _ => {}
-                    }
+            for &r in targets(s, seq) {
+                let n = receivers[r].count(s as u32, seq);
+                if n > 1 {
+                    c.duplicates += (n - 1) as u64;
                 }
-                SendStatus::Failed => {
-                    c.failed += 1;
-                    if n > 0 {
-                        c.delivered_unacknowledged += 1;
-                    }
-                }
-                SendStatus::Unanswered => {
-                    c.unanswered += 1;
-                    if n > 0 {
-                        c.delivered_unacknowledged += 1;
-                    }
+                match (status, n) {
+                    (SendStatus::Sent, 0) => c.lost += 1,
+                    (SendStatus::Sent, 1) => c.delivered_once += 1,
+                    (SendStatus::Sent, _) => {}
+                    (_, 0) => {}
+                    (_, _) => c.delivered_unacknowledged += 1,
                 }
             }
         }
@@ -273,7 +267,7 @@ pub fn check(
                 let s = s as usize;
                 if s >= issued.len() || seq >= issued[s] {
                     c.phantom += n as u64;
-                } else if target(s, seq) != r {
+                } else if !targets(s, seq).contains(&r) {
                     c.misdelivered += n as u64;
                 }
             }
@@ -301,9 +295,42 @@ mod tests {
                 assert_eq!(receivers[r].chat(s as u32, seq), Arrival::First);
             }
         }
-        let c = check(&[5, 5], &senders, &receivers, |s, _| 1 - s);
+        let other = [1, 0];
+        let c = check(&[5, 5], &senders, &receivers, |s, _| std::slice::from_ref(&other[s]));
         assert_eq!(c.violations(), 0, "{c:?}");
         assert_eq!(c.delivered_once, 10);
+    }
+
+    #[test]
+    fn group_messages_count_per_recipient() {
+        // One group of three: each message of a member goes to the two others.
+        let members: [Vec<usize>; 3] = [vec![1, 2], vec![0, 2], vec![0, 1]];
+        let mut senders: Vec<SenderBook> = (0..3).map(|_| SenderBook::default()).collect();
+        let mut receivers: Vec<ReceiverBook> = (0..3).map(|_| ReceiverBook::default()).collect();
+        let mut inbox = [0u64; 3];
+        for s in 0..3usize {
+            for seq in 0..4 {
+                senders[s].sent(seq, false);
+                for &r in &members[s] {
+                    // Member 2 never gets message 3 of member 0.
+                    if (s, seq, r) == (0, 3, 2) {
+                        continue;
+                    }
+                    inbox[r] += 1;
+                    receivers[r].inbox_seq(inbox[r]);
+                    receivers[r].chat(s as u32, seq);
+                }
+            }
+        }
+        // Member 0 also gets its own message: misdelivered.
+        receivers[0].inbox_seq(100);
+        receivers[0].chat(0, 1);
+        let c = check(&[4, 4, 4], &senders, &receivers, |s, _| &members[s]);
+        assert_eq!(c.acknowledged, 12);
+        assert_eq!(c.delivered_once, 23);
+        assert_eq!(c.lost, 1);
+        assert_eq!(c.misdelivered, 1);
+        assert_eq!(c.violations(), 2);
     }
 
     #[test]
@@ -332,7 +359,8 @@ mod tests {
         receivers[0].chat(0, 0);
         receivers[0].inbox_seq(2);
         receivers[0].chat(0, 9);
-        let c = check(&[5, 0], &senders, &receivers, |s, _| 1 - s);
+        let other = [1, 0];
+        let c = check(&[5, 0], &senders, &receivers, |s, _| std::slice::from_ref(&other[s]));
         assert_eq!(c.lost, 1);
         assert_eq!(c.duplicates, 1);
         assert_eq!(c.reordered, 1);

@@ -7,6 +7,7 @@
 //! * `group`     — a 1024-member group: send to the last member, fan-out rate, with a ledger.
 //! * `offline`   — inboxes fill while recipients are offline, then they connect and drain.
 //! * `storm`     — every connection drops at once; clients reconnect with backoff and drain.
+//! * `peer`      — the gateway against reference tokio-tungstenite and Node `ws` servers.
 
 use std::path::PathBuf;
 
@@ -16,13 +17,14 @@ mod client;
 mod hist;
 mod ledger;
 mod plot;
+mod procfs;
 mod report;
 mod scenario;
 mod scrape;
 mod session;
 mod util;
 
-use scenario::{baseline, chat, connect, group, offline, storm};
+use scenario::{baseline, chat, connect, group, offline, peer, storm};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -95,6 +97,11 @@ enum Cmd {
     /// attempts and failures by cause, and the ledger (exit 1 on loss, duplicates, reordering).
     #[command(after_help = storm::HELP)]
     Storm(storm::Args),
+    /// The gateway against reference servers (peers/tokio-ws, peers/node-ws) on the same
+    /// workloads in one run: memory per idle connection and messages/s per core (echo and
+    /// broadcast at max rate), as ratios beside the targets of issue #9. Started by
+    /// bench-results/peer.sh, which starts every server and passes their URLs and pids.
+    Peer(peer::Args),
     /// Internal: one process of `connect` (spawned by it).
     #[command(hide = true)]
     ConnectWorker {
@@ -114,6 +121,7 @@ fn main() {
         Cmd::Group(a) => a.run.threads(),
         Cmd::Offline(a) => a.run.threads(),
         Cmd::Storm(a) => a.run.threads(),
+        Cmd::Peer(a) => a.run.threads(),
         Cmd::ConnectWorker { threads, .. } => threads.unwrap_or(1).max(1),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
@@ -131,6 +139,7 @@ fn main() {
             Cmd::Group(a) => group::run(a).await,
             Cmd::Offline(a) => offline::run(a).await,
             Cmd::Storm(a) => storm::run(a).await,
+            Cmd::Peer(a) => peer::run(a).await,
             Cmd::ConnectWorker { args, .. } => connect::worker(args).await,
         }
     });

@@ -932,7 +932,9 @@ pub fn check(spread: Spread, senders: &mut [Out], recipients: &mut [Out]) -> Che
     let mut receiver_books: Vec<ReceiverBook> =
         recipients.iter_mut().map(|o| std::mem::take(&mut o.receiver)).collect();
     receiver_books.extend(senders.iter_mut().map(|o| std::mem::take(&mut o.receiver)));
-    ledger::check(&issued, &sender_books, &receiver_books, |s, k| spread.target(s, k))
+    // The ledger takes each message's recipients as a slice: one recipient here.
+    let index: Vec<usize> = (0..spread.recipients.max(1)).collect();
+    ledger::check(&issued, &sender_books, &receiver_books, |s, k| std::slice::from_ref(&index[spread.target(s, k)]))
 }
 
 /// Failed attempts by cause, over `outs`, with `from_us ≤ t < to_us`.

@@ -39,6 +39,9 @@ pub enum Layout {
     Ring,
     /// Each user sends round-robin to the next K users (mod users), receiving from K users.
     Mesh(usize),
+    /// Broadcast: users form groups of K+1 (0..=K, K+1..=2K+1, …); each member posts to its group
+    /// (`gsend`), so every message goes to the K other members.
+    Group(usize),
 }
 
 impl Layout {
@@ -48,7 +51,13 @@ impl Layout {
             "ring" => Ok(Layout::Ring),
             _ => match s.strip_prefix("mesh:").map(str::parse::<usize>) {
                 Some(Ok(k)) if k >= 1 => Ok(Layout::Mesh(k)),
-                _ => Err(format!("unknown layout {s:?}: use pairs, ring or mesh:K (K ≥ 1)")),
+                Some(_) => Err(format!("bad layout {s:?}: mesh:K needs K ≥ 1")),
+                None => match s.strip_prefix("group:").map(str::parse::<usize>) {
+                    Some(Ok(k)) if (1..=1023).contains(&k) => Ok(Layout::Group(k)),
+                    _ => {
+                        Err(format!("unknown layout {s:?}: use pairs, ring, mesh:K (K ≥ 1) or group:K (1 ≤ K ≤ 1023)"))
+                    }
+                },
             },
         }
     }
@@ -58,6 +67,15 @@ impl Layout {
             Layout::Pairs => "pairs".into(),
             Layout::Ring => "ring".into(),
             Layout::Mesh(k) => format!("mesh:{k}"),
+            Layout::Group(k) => format!("group:{k}"),
+        }
+    }
+
+    /// Members per group (`K+1`) for the group layout.
+    pub fn group_size(&self) -> Option<usize> {
+        match self {
+            Layout::Group(k) => Some(k + 1),
+            _ => None,
         }
     }
 
@@ -67,6 +85,10 @@ impl Layout {
             Layout::Pairs => vec![if (i ^ 1) < n { i ^ 1 } else { 0 }],
             Layout::Ring => vec![(i + 1) % n],
             Layout::Mesh(k) => (1..=(*k).min(n - 1)).map(|d| (i + d) % n).collect(),
+            Layout::Group(k) => {
+                let first = i / (k + 1) * (k + 1);
+                (first..(first + k + 1).min(n)).filter(|&j| j != i).collect()
+            }
         }
     }
 }
@@ -101,8 +123,10 @@ pub struct Args {
     /// Users, one connection each.
     #[arg(long, default_value_t = 100)]
     pub users: usize,
-    /// Conversation layout: `pairs` (0↔1, 2↔3 …), `ring` (i→i+1), or `mesh:K` (each user sends
-    /// round-robin to the next K users).
+    /// Conversation layout: `pairs` (0↔1, 2↔3 …), `ring` (i→i+1), `mesh:K` (each user sends
+    /// round-robin to the next K users), or `group:K` (broadcast: groups of K+1 users, created
+    /// with `group_create` before the run; every member posts to its group with `gsend`, each
+    /// message reaching the K others; --users must be a multiple of K+1).
     #[arg(long, default_value = "pairs", value_parser = Layout::parse)]
     pub layout: Layout,
     /// Messages per second per user (open loop: latency is measured from the scheduled send
@@ -159,6 +183,8 @@ pub struct Args {
 struct Counters {
     issued: AtomicU64,
     acked: AtomicU64,
+    /// Deliveries the acknowledged messages call for (one per recipient).
+    expected: AtomicU64,
     failed: AtomicU64,
     delivered: AtomicU64,
     duplicates: AtomicU64,
@@ -173,6 +199,8 @@ struct Run {
     prefix: String,
     names: Vec<String>,
     peers: Vec<Vec<usize>>,
+    /// Group layout: the group each user posts to (empty for 1:1 layouts).
+    gids: Vec<String>,
     body_size: usize,
     t0_us: u64,
     end_us: u64,
@@ -185,19 +213,40 @@ struct Run {
 }
 
 impl Run {
-    fn target(&self, sender: usize, seq: u64) -> usize {
+    /// The recipients of message `seq` of `sender`: one peer (round-robin) for the 1:1 layouts,
+    /// every other member for the group layout.
+    fn targets(&self, sender: usize, seq: u64) -> &[usize] {
         let p = &self.peers[sender];
-        p[(seq % p.len() as u64) as usize]
+        if !self.gids.is_empty() {
+            return p;
+        }
+        std::slice::from_ref(&p[(seq % p.len() as u64) as usize])
+    }
+
+    /// Deliveries one message of `sender` calls for.
+    fn fanout(&self, sender: usize) -> u64 {
+        if self.gids.is_empty() {
+            1
+        } else {
+            self.peers[sender].len() as u64
+        }
     }
 
     fn send_frame(&self, sender: usize, seq: u64, intended_us: u64) -> String {
-        let to = &self.names[self.target(sender, seq)];
+        let (kind, key, to) = match self.gids.get(sender) {
+            Some(gid) => ("gsend", "group", gid),
+            None => ("send", "to", &self.names[self.targets(sender, seq)[0]]),
+        };
         let head = format!("{seq} {intended_us} ");
         let pad = self.body_size.saturating_sub(head.len());
         let mut s = String::with_capacity(64 + to.len() + head.len() + pad + 48);
-        s.push_str(r#"{"t":"send","id":""#);
+        s.push_str(r#"{"t":""#);
+        s.push_str(kind);
+        s.push_str(r#"","id":""#);
         s.push_str(&format!("{seq}-{intended_us}"));
-        s.push_str(r#"","to":""#);
+        s.push_str(r#"",""#);
+        s.push_str(key);
+        s.push_str(r#"":""#);
         s.push_str(to);
         s.push_str(r#"","body":""#);
         s.push_str(&head);
@@ -366,6 +415,8 @@ struct ReaderOut {
 
 struct Reader {
     run: Arc<Run>,
+    /// This connection's user index.
+    me: usize,
     sh: Arc<Shared>,
     max_mode: bool,
     since_ack: u64,
@@ -396,6 +447,7 @@ impl Reader {
                 }
                 self.out.last_tick_us = now;
                 c.acked.fetch_add(1, Relaxed);
+                c.expected.fetch_add(self.run.fanout(self.me), Relaxed);
                 if self.max_mode {
                     self.sh.window.add_permits(1);
                 }
@@ -425,7 +477,7 @@ impl Reader {
                 }
                 self.sh.highest.fetch_max(seq, Relaxed);
                 match f.m.as_ref().map(|m| &*m.k) {
-                    Some("chat") => {
+                    Some("chat") | Some("group") => {
                         let m = f.m.as_ref().expect("checked");
                         let sender = m.from.as_deref().and_then(|n| self.run.user_index(n));
                         let stamp = m.body.as_deref().and_then(|b| parse_stamp(b, ' '));
@@ -463,6 +515,7 @@ impl Reader {
 
 async fn reader(
     run: Arc<Run>,
+    me: usize,
     sh: Arc<Shared>,
     mut stream: SplitStream<Ws>,
     early: Vec<String>,
@@ -471,6 +524,7 @@ async fn reader(
     let max_mode = run.interval_us.is_none();
     let mut r = Reader {
         run,
+        me,
         sh,
         max_mode,
         since_ack: 0,
@@ -565,21 +619,142 @@ pub fn baseline_rate(path: &std::path::Path) -> anyhow::Result<f64> {
         .ok_or_else(|| anyhow!("{} has no results.publish.msgs_per_s", path.display()))
 }
 
-/// CPU seconds (user + system) this process has used.
-pub fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields after the command: state is [0], utime is [11], stime is [12].
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz.max(1.0)
+/// Group layout: the first member of each group of `size` creates it with the others
+/// (`group_create`); returns the group id of every user. Frames that arrive meanwhile (inbox
+/// items such as the `group_event`) are kept for the member's reader.
+async fn create_groups(
+    opened: &mut [Opened],
+    names: &[String],
+    size: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let creations = opened.chunks_mut(size).enumerate().map(|(g, members)| {
+        let others: Vec<&str> = names[g * size + 1..(g + 1) * size].iter().map(String::as_str).collect();
+        async move {
+            let creator = &mut members[0];
+            let id = format!("lg-group-{g}");
+            let frame = json!({"t": "group_create", "id": id, "name": format!("loadgen {g}"), "members": others});
+            creator
+                .ws
+                .send(Message::Text(frame.to_string().into()))
+                .await
+                .map_err(|e| anyhow!("group {g}: sending group_create: {e}"))?;
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let msg = tokio::time::timeout_at(deadline, creator.ws.next())
+                    .await
+                    .map_err(|_| anyhow!("group {g}: no answer to group_create within {}", fmt_duration(timeout)))?;
+                let text = match msg {
+                    None => bail!("group {g}: the creator's connection ended"),
+                    Some(Err(e)) => bail!("group {g}: {e}"),
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(f))) => bail!("group {g}: connection closed ({f:?})"),
+                    Some(Ok(_)) => continue,
+                };
+                let v: Value = serde_json::from_str(text.as_str()).with_context(|| format!("group {g}: bad frame"))?;
+                match v["t"].as_str() {
+                    Some("group") if v["id"] == id.as_str() => {
+                        break v["group"]["gid"]
+                            .as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| anyhow!("group {g}: answer without gid: {}", text.as_str()))
+                    }
+                    Some("error") if v["id"] == id.as_str() => {
+                        bail!("group {g}: group_create refused: {}", text.as_str())
+                    }
+                    _ => creator.early.push(text.as_str().to_owned()),
+                }
+            }
+        }
+    });
+    let gids = futures::future::try_join_all(creations).await?;
+    Ok(gids.into_iter().flat_map(|g| std::iter::repeat_n(g, size)).collect())
 }
 
-pub async fn run(args: Args) -> anyhow::Result<i32> {
-    let started = SystemTime::now();
+/// Moments of a measurement, for callers that sample something around the send window (the
+/// `peer` scenario reads the servers' CPU time there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// t0: the first send is due now.
+    SendStart,
+    /// Sending is over and every answer and delivery has arrived (or the grace period ended);
+    /// the connections are still open.
+    Settled,
+}
+
+/// What one run measured, before it is judged and reported.
+pub struct Measured {
+    pub rate: Rate,
+    pub check: ledger::Check,
+    pub errors: BTreeMap<String, u64>,
+    /// Connections that ended before the run did, by cause.
+    pub ended: BTreeMap<String, u64>,
+    pub receipts: u64,
+    pub other_items: u64,
+    pub t0_us: u64,
+    pub last_tick_us: u64,
+    pub last_delivery_us: u64,
+    pub finished_at_us: u64,
+    /// `[t_s, issued, sent, delivered, max send→deliver µs]` per second from t0.
+    pub timeline: Vec<[u64; 5]>,
+    pub steady: Option<f64>,
+    pub offered: Option<f64>,
+    pub total_issued: u64,
+    /// Messages acknowledged by `sent`.
+    pub acked: u64,
+    /// First deliveries (one per recipient: K per message with `group:K`).
+    pub delivered: u64,
+    pub sent_per_s: f64,
+    pub delivered_per_s: f64,
+    pub h_sent: Hist,
+    pub h_deliver: Hist,
+    pub h_open: Hist,
+    pub early_items: usize,
+    /// loadgen's own CPU seconds since it started.
+    pub loadgen_cpu_s: f64,
+    pub metrics_before: Vec<Result<scrape::Samples, String>>,
+    pub metrics_after: Vec<Result<scrape::Samples, String>>,
+    pub prefix: String,
+    pub ping_interval: Duration,
+}
+
+/// The verdict of a measurement: `(verdict, exit status, problems in words)`.
+pub fn judge(m: &Measured) -> (String, i32, Vec<String>) {
+    let violations = m.check.violations();
+    let ended_total: u64 = m.ended.values().sum();
+    let send_errors = m.check.failed + m.check.unanswered;
+    let list = |m: &BTreeMap<String, u64>| m.iter().map(|(k, v)| format!("{k} ×{v}")).collect::<Vec<_>>().join(", ");
+    // What went wrong besides the ledger, in words (close codes, error codes).
+    let mut problems = Vec::new();
+    if ended_total > 0 {
+        problems.push(format!(
+            "{ended_total} connections ended early ({}); messages to their users count as lost",
+            list(&m.ended)
+        ));
+    }
+    if !m.errors.is_empty() {
+        problems.push(format!("errors received: {}", list(&m.errors)));
+    }
+    let verdict = if violations > 0 {
+        format!("FAIL: ledger violations ({violations})")
+    } else if send_errors > 0 || ended_total > 0 {
+        format!("ERRORS: {send_errors} sends failed or unanswered, {ended_total} connections ended early")
+    } else {
+        "PASS: every acknowledged message delivered exactly once, in order".to_owned()
+    };
+    let exit = if violations > 0 {
+        1
+    } else if send_errors > 0 || ended_total > 0 {
+        3
+    } else {
+        0
+    };
+    (verdict, exit, problems)
+}
+
+/// Connects the users, runs the workload, and returns what it measured; `mark` is called at
+/// each [`Mark`].
+pub async fn measure(args: &Args, mut mark: impl FnMut(Mark)) -> anyhow::Result<Measured> {
     if args.users < 2 {
         bail!("--users must be at least 2");
     }
@@ -589,6 +764,11 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     if let Layout::Mesh(k) = args.layout {
         if k >= args.users {
             bail!("mesh:{k} needs more than {k} users");
+        }
+    }
+    if let Some(size) = args.layout.group_size() {
+        if !args.users.is_multiple_of(size) {
+            bail!("{} needs --users to be a multiple of {size} (groups of {size})", args.layout.name());
         }
     }
     if args.gw.secret.len() < 16 {
@@ -603,11 +783,6 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     if nofile < args.users as u64 + 64 {
         bail!("RLIMIT_NOFILE is {nofile}: too low for {} connections", args.users);
     }
-    let baseline = match (&args.baseline, args.baseline_rate) {
-        (Some(p), _) => Some((baseline_rate(p)?, p.display().to_string())),
-        (None, Some(r)) => Some((r, "--baseline-rate".to_owned())),
-        (None, None) => None,
-    };
     let prefix = args.user_prefix.clone().unwrap_or_else(|| format!("lg{}", util::run_tag()));
     let names: Vec<String> = (0..args.users).map(|i| format!("{prefix}-{i}")).collect();
     if let Some(bad) = names.iter().find(|n| protocol::UserId::parse(n).is_err()) {
@@ -627,7 +802,15 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         args.gw.urls.join(", "),
         args.connect_rate
     ));
-    let (opened, h_open) = open_all(&targets, &args.gw, &tokens, args.connect_rate, args.connect_timeout).await?;
+    let (mut opened, h_open) = open_all(&targets, &args.gw, &tokens, args.connect_rate, args.connect_timeout).await?;
+    let gids = match args.layout.group_size() {
+        Some(size) => {
+            let gids = create_groups(&mut opened, &names, size, args.connect_timeout).await?;
+            report::note(format!("created {} groups of {size}", args.users / size));
+            gids
+        }
+        None => Vec::new(),
+    };
     let early_items: usize = opened.iter().map(|o| o.early.len()).sum();
     // Ping well within the gateway's heartbeat timeout (from `hello`).
     let heartbeat = opened.iter().map(|o| o.heartbeat_ms).min().unwrap_or(30_000);
@@ -642,6 +825,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         prefix: prefix.clone(),
         names: names.clone(),
         peers: peers.clone(),
+        gids,
         body_size: args.body_size,
         t0_us,
         end_us: t0_us + args.duration.as_micros() as u64,
@@ -662,7 +846,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         });
         let (sink, stream) = o.ws.split();
         writers.push(tokio::spawn(writer(run.clone(), i, sh.clone(), sink, stop_rx.clone())));
-        readers.push(tokio::spawn(reader(run.clone(), sh, stream, o.early, stop_rx.clone())));
+        readers.push(tokio::spawn(reader(run.clone(), i, sh, stream, o.early, stop_rx.clone())));
     }
 
     // A one-second time series aligned on t0.
@@ -722,6 +906,8 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         fmt_duration(args.grace)
     ));
     let clock = util::clock();
+    tokio::time::sleep_until(clock.instant_at(run.t0_us).into()).await;
+    mark(Mark::SendStart);
     tokio::time::sleep_until(clock.instant_at(run.end_us).into()).await;
     let grace_end = clock.instant_at(run.end_us) + args.grace;
     // Grace: until every send is answered and every acknowledged message delivered.
@@ -729,7 +915,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     while Instant::now() < grace_end {
         let c = &run.counters;
         let answered = c.acked.load(Relaxed) + c.failed.load(Relaxed);
-        if answered >= c.issued.load(Relaxed) && c.delivered.load(Relaxed) >= c.acked.load(Relaxed) {
+        if answered >= c.issued.load(Relaxed) && c.delivered.load(Relaxed) >= c.expected.load(Relaxed) {
             settled = true;
             break;
         }
@@ -740,6 +926,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     }
     // A little longer, to catch late duplicates.
     tokio::time::sleep(Duration::from_millis(if settled { 500 } else { 0 })).await;
+    mark(Mark::Settled);
     let finished_at_us = util::now_us();
     let _ = stop_tx.send(true);
     sampler.abort();
@@ -752,7 +939,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         routs.push(r.await?);
     }
     progress.stop().await;
-    let cpu = process_cpu_seconds();
+    let loadgen_cpu_s = crate::procfs::cpu_seconds(None).unwrap_or(0.0);
     let metrics_after = scrape::scrape_all(&args.gw.metrics_urls).await;
 
     // The ledger.
@@ -781,7 +968,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         senders.push(r.sender);
         receivers.push(r.receiver);
     }
-    let check = ledger::check(&issued, &senders, &receivers, |s, seq| run.target(s, seq));
+    let check = ledger::check(&issued, &senders, &receivers, |s, seq| run.targets(s, seq));
 
     // Throughput: over the sending window, or until the last tick / delivery if later (a
     // backlog drained during the grace period counts against the rate).
@@ -798,36 +985,77 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         Rate::PerUser(r) => Some(r * args.users as f64),
         Rate::Max => None,
     };
+    Ok(Measured {
+        rate,
+        check,
+        errors,
+        ended,
+        receipts,
+        other_items,
+        t0_us,
+        last_tick_us: last_tick,
+        last_delivery_us: last_delivery,
+        finished_at_us,
+        timeline: tl,
+        steady,
+        offered,
+        total_issued,
+        acked,
+        delivered,
+        sent_per_s,
+        delivered_per_s,
+        h_sent,
+        h_deliver,
+        h_open,
+        early_items,
+        loadgen_cpu_s,
+        metrics_before,
+        metrics_after,
+        prefix,
+        ping_interval,
+    })
+}
 
+pub async fn run(args: Args) -> anyhow::Result<i32> {
+    let started = SystemTime::now();
+    let baseline = match (&args.baseline, args.baseline_rate) {
+        (Some(p), _) => Some((baseline_rate(p)?, p.display().to_string())),
+        (None, Some(r)) => Some((r, "--baseline-rate".to_owned())),
+        (None, None) => None,
+    };
+    let m = measure(&args, |_| {}).await?;
+    let (verdict, exit, problems) = judge(&m);
+    let Measured {
+        rate,
+        check,
+        errors,
+        ended,
+        receipts,
+        other_items,
+        t0_us,
+        last_tick_us: last_tick,
+        last_delivery_us: last_delivery,
+        finished_at_us,
+        timeline: tl,
+        steady,
+        offered,
+        total_issued,
+        acked,
+        delivered,
+        sent_per_s,
+        delivered_per_s,
+        h_sent,
+        h_deliver,
+        h_open,
+        early_items,
+        loadgen_cpu_s: cpu,
+        metrics_before,
+        metrics_after,
+        prefix,
+        ping_interval,
+    } = m;
+    let d = args.duration.as_secs_f64();
     let violations = check.violations();
-    let ended_total: u64 = ended.values().sum();
-    let send_errors = check.failed + check.unanswered;
-    let list = |m: &BTreeMap<String, u64>| m.iter().map(|(k, v)| format!("{k} ×{v}")).collect::<Vec<_>>().join(", ");
-    // What went wrong besides the ledger, in words (close codes, error codes).
-    let mut problems = Vec::new();
-    if ended_total > 0 {
-        problems.push(format!(
-            "{ended_total} connections ended early ({}); messages to their users count as lost",
-            list(&ended)
-        ));
-    }
-    if !errors.is_empty() {
-        problems.push(format!("errors received: {}", list(&errors)));
-    }
-    let verdict = if violations > 0 {
-        format!("FAIL: ledger violations ({violations})")
-    } else if send_errors > 0 || ended_total > 0 {
-        format!("ERRORS: {send_errors} sends failed or unanswered, {ended_total} connections ended early")
-    } else {
-        "PASS: every acknowledged message delivered exactly once, in order".to_owned()
-    };
-    let exit = if violations > 0 {
-        1
-    } else if send_errors > 0 || ended_total > 0 {
-        3
-    } else {
-        0
-    };
 
     let gateway = scrape::gateway_report(&args.gw.metrics_urls, &metrics_before, &metrics_after);
 
@@ -1014,6 +1242,13 @@ mod tests {
         assert_eq!(Layout::Ring.peers(3, 4), vec![0]);
         assert_eq!(Layout::parse("mesh:2").unwrap().peers(3, 4), vec![0, 1]);
         assert!(Layout::parse("mesh:0").is_err());
+        let g = Layout::parse("group:2").unwrap();
+        assert_eq!((g.name(), g.group_size()), ("group:2".to_owned(), Some(3)));
+        assert_eq!(g.peers(0, 6), vec![1, 2]);
+        assert_eq!(g.peers(4, 6), vec![3, 5]);
+        assert!(Layout::parse("group:0").is_err());
+        assert!(Layout::parse("group:1024").is_err());
+        assert_eq!(Layout::Pairs.group_size(), None);
         assert_eq!(Rate::parse("max").unwrap(), Rate::Max);
         assert!(Rate::parse("0").is_err());
     }
@@ -1024,6 +1259,7 @@ mod tests {
             prefix: "p".into(),
             names: vec!["p-0".into(), "p-1".into()],
             peers: vec![vec![1], vec![0]],
+            gids: Vec::new(),
             body_size: 40,
             t0_us: 0,
             end_us: 0,
@@ -1045,6 +1281,33 @@ mod tests {
         assert_eq!(run.user_index("q-1"), None);
         // Decoded by the gateway's own frame decoder.
         assert!(protocol::decode_client_frame(f.as_bytes(), &protocol::Limits::default()).is_ok());
+    }
+
+    #[test]
+    fn group_frames_and_targets() {
+        let run = Run {
+            prefix: "p".into(),
+            names: (0..3).map(|i| format!("p-{i}")).collect(),
+            peers: (0..3).map(|i| Layout::Group(2).peers(i, 3)).collect(),
+            gids: vec!["g0000001".into(); 3],
+            body_size: 20,
+            t0_us: 0,
+            end_us: 0,
+            interval_us: None,
+            ack_interval: Duration::from_millis(1),
+            ping_interval: Duration::from_secs(1),
+            ack_every: 1,
+            counters: Counters::default(),
+        };
+        assert_eq!(run.targets(1, 5), &[0, 2]);
+        assert_eq!(run.fanout(1), 2);
+        let f = run.send_frame(1, 5, 99);
+        let v: Value = serde_json::from_str(&f).unwrap();
+        assert_eq!((v["t"].as_str(), v["group"].as_str()), (Some("gsend"), Some("g0000001")));
+        assert!(protocol::decode_client_frame(f.as_bytes(), &protocol::Limits::default()).is_ok());
+        let one = Run { gids: Vec::new(), peers: vec![vec![1, 2], vec![0], vec![0]], ..run };
+        assert_eq!(one.targets(0, 3), &[2]);
+        assert_eq!(one.fanout(0), 1);
     }
 
     #[test]

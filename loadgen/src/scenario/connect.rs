@@ -396,8 +396,56 @@ fn total(s: &MemSample, name: &str) -> Option<f64> {
     Some(t)
 }
 
-pub async fn run(args: Args) -> anyhow::Result<i32> {
-    let started = SystemTime::now();
+/// What [`hold`] measured: what became of the connections, and the samples taken while they
+/// were held.
+pub struct Held<T> {
+    pub workers: u64,
+    pub ramp_s: f64,
+    pub attempted: u64,
+    pub opened: u64,
+    pub open_at_release: u64,
+    pub failures: BTreeMap<String, u64>,
+    pub failure_examples: BTreeMap<String, String>,
+    pub dropped: BTreeMap<String, u64>,
+    pub pings: u64,
+    pub pongs: u64,
+    pub per_worker: Vec<Value>,
+    /// Workers that failed as a whole.
+    pub fatal: Vec<String>,
+    pub h_tcp: Hist,
+    pub h_upgrade: Hist,
+    pub h_hello: Hist,
+    pub h_synced: Hist,
+    /// `--settle` after the ramp and every 5 s until the hold ends (at least one): each sample
+    /// with the number of connections open when it was taken.
+    pub samples: Vec<(T, u64)>,
+}
+
+impl<T> Held<T> {
+    pub fn failed(&self) -> u64 {
+        self.failures.values().sum()
+    }
+
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.values().sum()
+    }
+
+    /// The last sample and the connections open when it was taken.
+    pub fn last(&self) -> (&T, u64) {
+        let (s, open) = self.samples.last().expect("hold takes at least one sample");
+        (s, *open)
+    }
+}
+
+/// Opens `args.connections` connections (users `<prefix>-c<i>`) from worker processes at
+/// `--rate`, holds them for `--hold` while calling `sample` (`--settle` after the ramp, then every
+/// 5 s), releases them and gathers the workers' results. The memory probe is the caller's: the
+/// gateway's metrics endpoint for `connect`, /proc for `peer`.
+pub async fn hold<T, F, Fut>(args: &Args, prefix: &str, mut sample: F) -> anyhow::Result<Held<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
     if args.connections == 0 {
         bail!("--connections must be > 0");
     }
@@ -408,24 +456,9 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         bail!("--per-worker must be between 1 and 19000 (a process may hold at most ~20,000 fds)");
     }
     let workers = args.workers.unwrap_or(0).max(args.connections.div_ceil(args.per_worker)).min(args.connections);
-    let prefix = args.user_prefix.clone().unwrap_or_else(|| format!("lg{}", util::run_tag()));
     // Validate the URLs here (workers would each fail the same way).
     client::resolve_all(&args.gw.urls, args.gw.ca_file.as_deref()).await?;
-    let urls = args.gw.metrics_urls.clone();
-    if urls.is_empty() {
-        report::note("no --metrics-url: gateway memory per connection will not be measured");
-    }
-
     let t_start = Instant::now();
-    let sample = |urls: Vec<String>| async move {
-        MemSample { at_s: t_start.elapsed().as_secs_f64(), samples: scrape::scrape_all(&urls).await }
-    };
-    let before = sample(urls.clone()).await;
-    for (u, r) in urls.iter().zip(&before.samples) {
-        if let Err(e) = r {
-            bail!("cannot read {u}: {e}");
-        }
-    }
 
     // Start the workers.
     let exe = std::env::current_exe().context("locating the loadgen binary")?;
@@ -454,7 +487,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             timeout_ms: args.timeout.as_millis() as u64,
             source_ip_base: args.gw.source_ip_base,
             source_ips: args.gw.source_ips,
-            user_prefix: prefix.clone(),
+            user_prefix: prefix.to_owned(),
             threads: args.run.threads(),
         };
         first += count;
@@ -557,8 +590,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
 
     // Hold, sampling the gateways' memory every 5 s (the first after --settle).
     let hold_end = Instant::now() + args.hold.max(args.settle);
-    let mut samples: Vec<MemSample> = Vec::new();
-    let mut open_at_sample = Vec::new();
+    let mut samples: Vec<(T, u64)> = Vec::new();
     let mut next_sample = Instant::now() + args.settle;
     let mut workers_gone = false;
     loop {
@@ -567,9 +599,9 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             break;
         }
         if now >= next_sample {
-            let s = sample(urls.clone()).await;
-            open_at_sample.push(states.lock().unwrap().iter().map(|w| w.open).sum::<u64>());
-            samples.push(s);
+            let s = sample().await;
+            let open = states.lock().unwrap().iter().map(|w| w.open).sum::<u64>();
+            samples.push((s, open));
             next_sample = Instant::now() + Duration::from_secs(5);
             continue;
         }
@@ -583,11 +615,9 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     if samples.is_empty() {
-        open_at_sample.push(states.lock().unwrap().iter().map(|w| w.open).sum::<u64>());
-        samples.push(sample(urls.clone()).await);
+        let open = states.lock().unwrap().iter().map(|w| w.open).sum::<u64>();
+        samples.push((sample().await, open));
     }
-    let after = samples.last().cloned().expect("at least one sample");
-    let open_at_after = *open_at_sample.last().expect("one per sample");
 
     // Release and collect.
     report::note("releasing connections");
@@ -609,8 +639,6 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         let _ = h.child.start_kill();
     }
     progress.stop().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after_close = sample(urls.clone()).await;
 
     // Aggregate.
     let (mut h_tcp, mut h_up, mut h_hello, mut h_synced) = (hist::new(), hist::new(), hist::new(), hist::new());
@@ -648,6 +676,69 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             "nofile_limit": r.nofile_limit,
         }));
     }
+    Ok(Held {
+        workers,
+        ramp_s,
+        attempted,
+        opened,
+        open_at_release,
+        failures,
+        failure_examples: examples,
+        dropped,
+        pings,
+        pongs,
+        per_worker,
+        fatal,
+        h_tcp,
+        h_upgrade: h_up,
+        h_hello,
+        h_synced,
+        samples,
+    })
+}
+
+pub async fn run(args: Args) -> anyhow::Result<i32> {
+    let started = SystemTime::now();
+    let prefix = args.user_prefix.clone().unwrap_or_else(|| format!("lg{}", util::run_tag()));
+    let urls = args.gw.metrics_urls.clone();
+    if urls.is_empty() {
+        report::note("no --metrics-url: gateway memory per connection will not be measured");
+    }
+
+    let t_start = Instant::now();
+    let sample = |urls: Vec<String>| async move {
+        MemSample { at_s: t_start.elapsed().as_secs_f64(), samples: scrape::scrape_all(&urls).await }
+    };
+    let before = sample(urls.clone()).await;
+    for (u, r) in urls.iter().zip(&before.samples) {
+        if let Err(e) = r {
+            bail!("cannot read {u}: {e}");
+        }
+    }
+    let held = hold(&args, &prefix, || sample(urls.clone())).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after_close = sample(urls.clone()).await;
+    let (after, open_at_after) = held.last();
+    let (after, samples) = (after.clone(), held.samples.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>());
+    let Held {
+        workers,
+        ramp_s,
+        attempted,
+        opened,
+        open_at_release,
+        failures,
+        failure_examples: examples,
+        dropped,
+        pings,
+        pongs,
+        per_worker,
+        fatal,
+        h_tcp,
+        h_upgrade: h_up,
+        h_hello,
+        h_synced,
+        samples: _,
+    } = held;
     let failed: u64 = failures.values().sum();
     let dropped_total: u64 = dropped.values().sum();
 

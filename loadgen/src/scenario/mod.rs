@@ -5,4 +5,5 @@ pub mod chat;
 pub mod connect;
 pub mod group;
 pub mod offline;
+pub mod peer;
 pub mod storm;

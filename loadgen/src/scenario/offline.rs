@@ -400,7 +400,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let mut recipient_outs = session::collect(recipient_handles).await?;
     let mut sender_outs = session::collect(sender_handles).await?;
     progress.stop().await;
-    let cpu = crate::scenario::chat::process_cpu_seconds();
+    let cpu = crate::procfs::cpu_seconds(None).unwrap_or(0.0);
 
     // 5. Recheck.
     let recheck = if args.no_recheck {

@@ -494,7 +494,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let mut client_outs = session::collect(client_handles).await?;
     let mut sender_outs = session::collect(sender_handles).await?;
     progress.stop().await;
-    let cpu = crate::scenario::chat::process_cpu_seconds();
+    let cpu = crate::procfs::cpu_seconds(None).unwrap_or(0.0);
     let restart = match restart {
         Some(h) => Some(h.await?),
         None => None,
