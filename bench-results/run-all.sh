@@ -16,13 +16,13 @@
 #      storm     $STORM_CLIENTS clients receiving from $STORM_SENDERS senders; loadgen resets every
 #                client socket at once; the clients reconnect with backoff and drain
 #      storm     the same, but the gateway is killed (SIGKILL) and started again
-#      connect   10,000 authenticated idle connections, against a freshly restarted gateway so
+#      connect   19,000 authenticated idle connections, against a freshly restarted gateway so
 #                that its RSS before the ramp is a clean 0-connection baseline
 #    and a latency plot (<scenario>-<timestamp>.svg) next to each;
 # 4. stops everything it started and keeps the services' logs in <out>/logs-<timestamp>/.
 #
 # Environment overrides: NATS_SERVER (path to nats-server), CHAT_USERS (100), CHAT_WINDOW (32),
-# CHAT_DURATION (30s), BASELINE_DURATION (15s), CONNECTIONS (10000), CONNECT_RATE (1000),
+# CHAT_DURATION (30s), BASELINE_DURATION (15s), CONNECTIONS (19000), CONNECT_RATE (2000),
 # HOLD (30s), OFFLINE_RECIPIENTS (1000), OFFLINE_SENDERS (100), OFFLINE_MESSAGES (1000),
 # STORM_CLIENTS (5000), STORM_SENDERS (20), STORM_RATE (25 msg/s per sender), STORM_BEFORE (10s),
 # STORM_AFTER (10s), GATEWAY_CORES (2), QUIET_PCT (20), MAX_OTHER_PCT (10), ATTEMPTS (3), GATEWAY_FLAGS (extra gateway flags, default
@@ -57,8 +57,8 @@ CHAT_USERS="${CHAT_USERS:-100}"
 CHAT_WINDOW="${CHAT_WINDOW:-32}"
 CHAT_DURATION="${CHAT_DURATION:-30s}"
 BASELINE_DURATION="${BASELINE_DURATION:-15s}"
-CONNECTIONS="${CONNECTIONS:-10000}"
-CONNECT_RATE="${CONNECT_RATE:-1000}"
+CONNECTIONS="${CONNECTIONS:-19000}"
+CONNECT_RATE="${CONNECT_RATE:-2000}"
 HOLD="${HOLD:-30s}"
 OFFLINE_RECIPIENTS="${OFFLINE_RECIPIENTS:-1000}"
 OFFLINE_SENDERS="${OFFLINE_SENDERS:-100}"
