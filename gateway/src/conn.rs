@@ -233,6 +233,9 @@ struct Session {
     send_chain: Option<futures::channel::oneshot::Receiver<bool>>,
 }
 
+/// Bytes of a session's own state (part of the connection task's state).
+pub const SESSION_BYTES: usize = std::mem::size_of::<Session>();
+
 /// One send of this executor awaiting its answer (`ExecCtx::inflight`), for as long as it lives.
 struct Inflight(Rc<ExecCtx>);
 

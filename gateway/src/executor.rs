@@ -163,6 +163,7 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>, ready: Ar
                     tracing::info!(
                         executor = ctx.id,
                         bytes = std::mem::size_of_val(&task),
+                        session_bytes = crate::conn::SESSION_BYTES,
                         "connection task state size"
                     );
                 }
