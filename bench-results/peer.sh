@@ -18,7 +18,7 @@
 #
 # Environment overrides: NATS_SERVER (path to nats-server), CONNECTIONS (5000), CONNECT_RATE
 # (1000), HOLD (10s), USERS (100), FANOUT (9: groups of 10), WINDOW (32), DURATION (20s),
-# GATEWAY_CORES (2), GATEWAY_FLAGS ("--messages-per-sec 0": the gateway's per-connection send
+# GATEWAY_CORES (2), GATEWAY_FLAGS ("--messages-per-sec 0 --user-messages-per-sec 0": the gateway's send
 # limit would otherwise cap the max-rate workloads; the references have none), WAIT_QUIET (1: wait
 # until other processes leave the machine under QUIET_PCT (20) % busy before measuring).
 # --quick: 500 connections, 40 users (fanout 4), 3 s per workload — a smoke test, not a result.
@@ -53,7 +53,7 @@ FANOUT="${FANOUT:-9}"
 WINDOW="${WINDOW:-32}"
 DURATION="${DURATION:-20s}"
 GATEWAY_CORES="${GATEWAY_CORES:-2}"
-GATEWAY_FLAGS="${GATEWAY_FLAGS---messages-per-sec 0}"
+GATEWAY_FLAGS="${GATEWAY_FLAGS---messages-per-sec 0 --user-messages-per-sec 0}"
 WAIT_QUIET="${WAIT_QUIET:-1}"
 QUIET_PCT="${QUIET_PCT:-20}"
 if [[ $quick == 1 ]]; then
