@@ -85,10 +85,17 @@ rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/ {print $2}' /pro
 read -r slab0 tcpmem0 socks0 <<<"$(kernel)"
 nats0="$(rss_kb "$nats_pid")"
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
-# Sample the kernel while the connections are held (loadgen prints "holding" when ramped).
+# Sample the kernel every 2 s; keep the sample with the most TCP sockets (connections held).
 (
-    sleep 5
-    while sleep 2; do kernel >"$work/kernel.last"; rss_kb "$nats_pid" >"$work/nats.last"; done
+    best=0
+    while sleep 2; do
+        read -r slab tcpmem socks <<<"$(kernel)"
+        if ((socks > best)); then
+            best=$socks
+            echo "$slab $tcpmem $socks" >"$work/kernel.last"
+            rss_kb "$nats_pid" >"$work/nats.last"
+        fi
+    done
 ) & sampler=$!
 status=0
 loadgen connect --url "ws://127.0.0.1:$gp/ws" "${metrics[@]}" --connections "$CONNECTIONS" --rate "$RATE" \
@@ -105,7 +112,7 @@ sockets=$((socks1 - socks0))
     echo "* commit: \`$(git -C "$root" rev-parse HEAD)\`; machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
     echo "* $GATEWAYS gateway processes (\`--cores 1\` each) on one port (SO_REUSEPORT), loadgen connect workers of ≤ 19,000 connections, $SOURCE_IPS source addresses; loadgen exit status $status (its report: connect-*.md of this run)"
     echo
-    echo "| what, while the connections were held | before | with | growth | per connection |"
+    echo "| what (at the sample with the most TCP sockets) | before | with | growth | per connection |"
     echo "| --- | ---: | ---: | ---: | ---: |"
     echo "| TCP sockets in use (both ends) | $socks0 | $socks1 | $sockets | 2 |"
     echo "| kernel Slab (kB) | $slab0 | $slab1 | $((slab1 - slab0)) | $(( (slab1 - slab0) * 1024 / CONNECTIONS )) B |"
