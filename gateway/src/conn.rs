@@ -346,6 +346,7 @@ impl Session {
         // With other devices registered, what this one sends and reads is copied for them.
         self.mirror = ctx.bridge.devices(self.user.clone()).await > 1;
         self.history_days = ctx.bridge.settings(self.user.clone(), None).await.map(|s| s.history_days).unwrap_or(0);
+
         self.delivery = Delivery::new(cursor, MAX_UNACKED_TRACKED);
         if since > cursor {
             self.implicit_ack(since).await;
@@ -389,12 +390,18 @@ impl Session {
             if batch.is_empty() {
                 break;
             }
+            let full = batch.len() == 256;
+            let mut taken = 0;
             for item in batch.into_iter().take_while(|i| i.seq <= since) {
-                read += 1;
+                taken += 1;
                 let target = ItemHead::parse(&item.payload).and_then(|h| h.receipt_target());
                 self.delivery.mark_sent(item.seq, target);
             }
-            if read % 256 != 0 {
+            read += taken;
+            // Go on only after a full batch wholly at or below `since`. A batch whose first item
+            // is already beyond `since` (the client holds items the inbox no longer has, e.g.
+            // after a store restart) made no progress: asking again would loop forever.
+            if !full || taken < 256 {
                 break;
             }
         }

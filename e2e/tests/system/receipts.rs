@@ -135,3 +135,24 @@ async fn a_since_from_another_store_is_ignored() {
     assert_eq!(synced.items.len(), 1, "{:?}", synced.items);
     assert_eq!(chat(&synced.items[0])["id"], "c-1");
 }
+
+/// A `since` with nothing of the user's between the stored cursor and it (here the sequence of
+/// another user's message; after a store restart, items the inbox no longer holds) is taken as
+/// the ack and the connection goes on. It once made the gateway ask the inbox for the same
+/// items forever, stalling the connection and, through the NATS bridge, the whole gateway
+/// (found by the fault suite's nats-kill-churn case).
+#[tokio::test]
+async fn a_since_with_nothing_of_the_users_below_it_does_not_stall_the_connection() {
+    let sys = System::start(1).await;
+    let mut alice = sys.connect(0, "alice", "web").await;
+    alice.sync().await;
+    let other = alice.send_chat_ok("c-1", "carol", "for carol").await;
+    let later = alice.send_chat_ok("c-2", "bob", "for bob").await;
+
+    let token = sys.token("bob", Some("phone"));
+    let mut bob = WsClient::open(&sys.ws_url(0), &token, None, Some(sid(&other))).await;
+    let synced = bob.sync().await;
+    assert_eq!(synced.items.len(), 1, "{:?}", synced.items);
+    assert_eq!(chat(&synced.items[0])["id"], "c-2");
+    assert_eq!(seq(&synced.items[0]), sid(&later));
+}
