@@ -45,8 +45,8 @@ else
     export RUSTC_BOOTSTRAP=1
 fi
 
-declare -A dict=([client_frame]=json [stored_json]=json [http_head]=http [nats_proto]=nats)
-declare -A max_len=([client_frame]=8192 [stored_json]=8192 [http_head]=9216 [nats_proto]=8192)
+declare -A dict=([client_frame]=json [stored_json]=json [http_head]=http [nats_proto]=nats [ws_frames]=ws)
+declare -A max_len=([client_frame]=8192 [stored_json]=8192 [http_head]=9216 [nats_proto]=8192 [ws_frames]=8192)
 
 # -a: debug assertions (integer overflow checks) in the fuzzed code.
 mkdir -p artifacts
