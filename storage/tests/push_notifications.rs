@@ -179,8 +179,17 @@ async fn windows_end_with_one_event_for_what_they_counted_and_a_restart_resumes(
     assert!(events.len() >= 2, "the first item is announced alone: {events:?}");
     assert_eq!(events[0].pending, 1);
 
-    // Items stored while storage is down are announced once it is back (durable consumer).
+    // Items stored while storage is down are announced once it is back (durable consumer). The
+    // server must have seen the dead process go first: a pull request of the killed process
+    // still open there would take the item with it (the consumer has no acks by design: at most
+    // what a dying process had pulled is lost, notifier.rs).
     storage.proc.kill9();
+    let stream = js.get_stream(subjects::INBOX_STREAM).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stream.consumer_info(subjects::PUSH_NOTIFIER_CONSUMER).await.map(|i| i.num_waiting).unwrap_or(1) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the killed storage's pull requests never went away");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let s = store(&js, "bob", Some("1")).await;
     storage.restart().await;
     let (_, ev) = next_event(&mut sub).await;
