@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
@@ -177,10 +176,6 @@ impl Config {
     /// The certificate chain and key files when the listener speaks TLS.
     pub fn tls_files(&self) -> Option<(&Path, &Path)> {
         Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
-    }
-
-    pub fn heartbeat_timeout(&self) -> Duration {
-        Duration::from_secs(self.heartbeat_timeout_secs)
     }
 }
 

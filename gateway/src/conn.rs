@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesOrdered;
@@ -19,7 +20,7 @@ use crate::bridge::{Mirror, PublishFailure, Stored};
 use crate::delivery::{Delivery, Live, ReceiptTarget};
 use crate::executor::ExecCtx;
 use crate::handshake::{self, Request};
-use crate::outbox::Outbox;
+use crate::outbox::{Kick, Outbox};
 use crate::ratelimit::{ConnLimits, Kind};
 use crate::stream::{self, ClientStream};
 use crate::wsio::{Message, ReadError, WsIo};
@@ -146,7 +147,7 @@ async fn accept(ctx: Rc<ExecCtx>, tcp: TcpStream) -> Option<(Session, u64)> {
     let ws = WsIo::new(stream, limits, leftover);
 
     ctx.metrics.connections_open.inc();
-    let outbox = Rc::new(Outbox::new(ctx.cfg.send_queue, issued_at));
+    let outbox = Rc::new(Outbox::new(issued_at, ctx.clock()));
     ctx.register(&user, &outbox);
     let session = Session {
         ctx: ctx.clone(),
@@ -209,9 +210,8 @@ type Pending = FuturesOrdered<futures::future::LocalBoxFuture<'static, Reply>>;
 /// What woke the session loop.
 enum Wake {
     Outbox,
-    Published(Option<Reply>),
+    Published(Reply),
     Frame(Option<Result<Message, ReadError>>),
-    Heartbeat,
 }
 
 struct Session {
@@ -229,7 +229,8 @@ struct Session {
     limits: ConnLimits,
     /// Days of server-side history the user opted into (0: off).
     history_days: u32,
-    /// Completion of this connection's last send (true when stored), for [`Session::send_in_order`].
+    /// Completion of this connection's last send (true when stored), for [`Session::send_in_order`];
+    /// cleared whenever nothing is in flight.
     send_chain: Option<futures::channel::oneshot::Receiver<bool>>,
 }
 
@@ -274,16 +275,18 @@ impl Session {
             Ok(()) => {}
             Err(reason) => return reason,
         }
-        let hb = self.ctx.cfg.heartbeat_timeout();
-        let mut last_seen = Instant::now();
-        let mut pending: Pending = FuturesOrdered::new();
+        // Requests awaiting their answers, in the order they came; allocated only while there
+        // are some (an idle connection holds none).
+        let mut pending: Option<Pending> = None;
         loop {
-            if let Some((code, reason)) = self.outbox.kicked() {
-                if code == 1001 {
+            if let Some(kick) = self.outbox.kicked() {
+                if kick == Kick::Draining {
+                    let reason = kick.close().1;
                     let _ = Box::pin(self.send(ServerFrame::Reconnect { reason }.to_json())).await;
                 }
+                let (code, reason) = kick.close();
                 Box::pin(self.close(code, reason)).await;
-                return if code == 1001 { "server_draining" } else { "kicked" };
+                return kick.metric_reason();
             }
             if self.outbox.take_resync() {
                 self.ctx.metrics.resyncs.inc();
@@ -291,40 +294,53 @@ impl Session {
                     return reason;
                 }
             }
-            let can_read = pending.len() < self.ctx.cfg.max_inflight;
-            let wake = {
-                let idle = hb.saturating_sub(last_seen.elapsed());
-                let read =
-                    if can_read { self.ws.next().left_future() } else { futures::future::pending().right_future() };
-                futures::select_biased! {
-                    _ = self.outbox.ready().fuse() => Wake::Outbox,
-                    p = pending.next() => Wake::Published(p),
-                    f = read.fuse() => Wake::Frame(f),
-                    _ = glommio::timer::sleep(idle).fuse() => Wake::Heartbeat,
-                }
-            };
+            let wake = self.next_wake(&mut pending).await;
             let step = match wake {
                 Wake::Outbox => Box::pin(self.deliver_live()).await,
-                Wake::Published(None) => Ok(()),
-                Wake::Published(Some(reply)) => Box::pin(self.answer(reply)).await,
+                Wake::Published(reply) => Box::pin(self.answer(reply)).await,
                 Wake::Frame(None) => return "client_closed",
                 Wake::Frame(Some(Err(e))) => return Box::pin(self.fail(e)).await,
                 Wake::Frame(Some(Ok(msg))) => {
-                    last_seen = Instant::now();
-                    Box::pin(self.on_message(msg, &mut pending)).await
-                }
-                Wake::Heartbeat => {
-                    if last_seen.elapsed() >= hb {
-                        Box::pin(self.close(1001, "heartbeat timeout")).await;
-                        return "heartbeat_timeout";
-                    }
-                    Ok(())
+                    self.outbox.seen(self.ctx.clock());
+                    let in_flight = pending.get_or_insert_with(FuturesOrdered::new);
+                    Box::pin(self.on_message(msg, in_flight)).await
                 }
             };
             if let Err(reason) = step {
                 return reason;
             }
         }
+    }
+
+    /// The idle wait, as one poll over the session's own state, so that waiting holds no future
+    /// of its own: live copies or a kick first, then answers to requests, then the client's
+    /// next frame (not read while `max_inflight` requests are outstanding). Silence is the
+    /// executor's business (its sweep kicks the connection).
+    fn next_wake<'a>(&'a mut self, pending: &'a mut Option<Pending>) -> impl std::future::Future<Output = Wake> + 'a {
+        std::future::poll_fn(move |cx| {
+            if self.outbox.poll_ready(cx).is_ready() {
+                return Poll::Ready(Wake::Outbox);
+            }
+            if let Some(p) = pending.as_mut() {
+                match p.poll_next_unpin(cx) {
+                    Poll::Ready(Some(reply)) => return Poll::Ready(Wake::Published(reply)),
+                    Poll::Ready(None) => {
+                        // Nothing in flight: release the queue, and start the next send on a
+                        // fresh chain (a failure already answered must not fail later sends).
+                        *pending = None;
+                        self.send_chain = None;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            let can_read = pending.as_ref().map_or(0, FuturesOrdered::len) < self.ctx.cfg.max_inflight;
+            if can_read {
+                if let Poll::Ready(frame) = self.ws.poll_next(cx) {
+                    return Poll::Ready(Wake::Frame(frame));
+                }
+            }
+            Poll::Pending
+        })
     }
 
     /// Subscribe to live copies, then drain the inbox: nothing stored after the subscription

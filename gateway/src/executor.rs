@@ -14,7 +14,7 @@ use protocol::{TokenKeys, UserId};
 use crate::bridge::{Bridge, ExecEvent};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::outbox::{LiveCopy, Outbox};
+use crate::outbox::{Kick, LiveCopy, Outbox};
 
 /// What every connection task of one executor shares.
 pub struct ExecCtx {
@@ -38,9 +38,35 @@ pub struct ExecCtx {
     pub draining: Cell<bool>,
     /// Sends awaiting JetStream's ack, across this executor (drain waits for them).
     pub inflight: Cell<usize>,
+    /// Whole seconds since the executor started, advanced by its once-a-second ticker: the
+    /// clock of the connections' silence (see [`Outbox::seen`]).
+    clock: Cell<u32>,
+    epoch: std::time::Instant,
 }
 
 impl ExecCtx {
+    /// The coarse clock (whole seconds since the executor started).
+    pub fn clock(&self) -> u32 {
+        self.clock.get()
+    }
+
+    /// Advances the coarse clock and closes every connection silent for longer than the
+    /// heartbeat timeout. One pass over the executor's sessions a second replaces a timer per
+    /// connection (a timer costs an allocation and a timer-wheel entry per connection, and
+    /// re-arming it on every frame).
+    fn tick(&self) {
+        let now = u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX);
+        self.clock.set(now);
+        // Strictly longer than the timeout: `last_seen` may have been read up to a second
+        // before the frame arrived, so this never closes a connection silent for less.
+        let limit = u32::try_from(self.cfg.heartbeat_timeout_secs).unwrap_or(u32::MAX);
+        for o in self.sessions.borrow().values().flatten() {
+            if o.silent_for(now) > limit {
+                o.kick(Kick::Silent);
+            }
+        }
+    }
+
     pub fn register(&self, user: &UserId, outbox: &Rc<Outbox>) {
         self.sessions.borrow_mut().entry(user.clone()).or_default().push(outbox.clone());
     }
@@ -65,7 +91,7 @@ impl ExecCtx {
             ExecEvent::Live { user, seq, prev, payload } => {
                 if let Some(list) = self.sessions.borrow().get(&user) {
                     for o in list {
-                        o.push(LiveCopy { seq, prev, payload: payload.clone() });
+                        o.push(LiveCopy { seq, prev, payload: payload.clone() }, self.cfg.send_queue);
                     }
                 }
             }
@@ -73,14 +99,14 @@ impl ExecCtx {
                 let map = if presence { &self.watchers } else { &self.sessions };
                 if let Some(list) = map.borrow().get(&user) {
                     for o in list {
-                        o.push(LiveCopy { seq: 0, prev: 0, payload: frame.clone() });
+                        o.push(LiveCopy { seq: 0, prev: 0, payload: frame.clone() }, self.cfg.send_queue);
                     }
                 }
             }
             ExecEvent::Revoke { user, before } => {
                 if let Some(list) = self.sessions.borrow().get(&user) {
                     for o in list.iter().filter(|o| o.issued_at() < before) {
-                        o.kick(1008, "session revoked");
+                        o.kick(Kick::Revoked);
                     }
                 }
             }
@@ -92,7 +118,7 @@ impl ExecCtx {
             ExecEvent::Drain => {
                 self.draining.set(true);
                 for o in self.sessions.borrow().values().flatten() {
-                    o.kick(1001, "server draining");
+                    o.kick(Kick::Draining);
                 }
             }
         }
@@ -124,12 +150,13 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>, ready: Ar
         .detach();
     }
 
-    // Busy time for the metrics: what the executor spent running tasks, sampled every second.
+    // Once a second: the coarse clock and the heartbeat sweep, busy time for the metrics.
     {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(Duration::from_secs(1)).await;
+                ctx.tick();
                 ctx.metrics.executor_busy(ctx.id, glommio::executor().executor_stats().executor_runtime());
                 // Forget users whose last connection closed long enough ago (one executor does it
                 // for the process; connects and closes also sweep the shards they touch).
@@ -235,6 +262,8 @@ impl ExecCtx {
             watchers: RefCell::new(FxHashMap::default()),
             draining: Cell::new(false),
             inflight: Cell::new(0),
+            clock: Cell::new(0),
+            epoch: std::time::Instant::now(),
         }
     }
 

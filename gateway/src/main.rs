@@ -25,6 +25,9 @@ mod user_limits;
 mod web;
 mod wsio;
 
+// `--features heap-profile` leaves the system allocator in place so that heap profilers that
+// interpose malloc (heaptrack, valgrind's massif/dhat) see every allocation.
+#[cfg(not(feature = "heap-profile"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

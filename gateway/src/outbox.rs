@@ -8,7 +8,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
@@ -20,23 +20,58 @@ pub struct LiveCopy {
     pub payload: Bytes,
 }
 
+/// Why the executor asks a connection to close.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    /// The gateway is draining: the client is told to reconnect (elsewhere).
+    Draining,
+    /// The session's token was revoked.
+    Revoked,
+    /// The client sent nothing for longer than the heartbeat timeout.
+    Silent,
+}
+
+impl Kick {
+    /// The WebSocket close code and reason sent to the client.
+    pub fn close(self) -> (u16, &'static str) {
+        match self {
+            Kick::Draining => (1001, "server draining"),
+            Kick::Revoked => (1008, "session revoked"),
+            Kick::Silent => (1001, "heartbeat timeout"),
+        }
+    }
+
+    /// Why the session ended, as the `reason` label of the closed-connections metric.
+    pub fn metric_reason(self) -> &'static str {
+        match self {
+            Kick::Draining => "server_draining",
+            Kick::Revoked => "kicked",
+            Kick::Silent => "heartbeat_timeout",
+        }
+    }
+}
+
 pub struct Outbox {
     queue: RefCell<VecDeque<LiveCopy>>,
-    cap: usize,
     resync: Cell<bool>,
-    kick: Cell<Option<(u16, &'static str)>>,
+    kick: Cell<Option<Kick>>,
+    /// When the client last sent a frame, on the executor's coarse clock (seconds): the
+    /// executor's once-a-second sweep closes connections silent for the heartbeat timeout, so
+    /// an idle connection needs no timer of its own.
+    last_seen: Cell<u32>,
     waker: RefCell<Option<Waker>>,
     /// When the session's token was issued (seconds), for revocations.
     issued_at: u64,
 }
 
 impl Outbox {
-    pub fn new(cap: usize, issued_at: u64) -> Self {
+    /// `now`: the executor's coarse clock (the connection counts as seen when it opens).
+    pub fn new(issued_at: u64, now: u32) -> Self {
         Outbox {
             queue: RefCell::new(VecDeque::new()),
-            cap,
             resync: Cell::new(false),
             kick: Cell::new(None),
+            last_seen: Cell::new(now),
             waker: RefCell::new(None),
             issued_at,
         }
@@ -46,9 +81,21 @@ impl Outbox {
         self.issued_at
     }
 
-    pub fn push(&self, copy: LiveCopy) {
+    /// The client sent something at `now` (the executor's coarse clock).
+    pub fn seen(&self, now: u32) {
+        self.last_seen.set(now);
+    }
+
+    /// Seconds the client has been silent at `now`, on the executor's coarse clock: up to one
+    /// second more than the real silence, never less (a tick may be late, not early).
+    pub fn silent_for(&self, now: u32) -> u32 {
+        now.saturating_sub(self.last_seen.get())
+    }
+
+    /// Queues a live copy; beyond `cap` queued copies the connection resyncs from its inbox.
+    pub fn push(&self, copy: LiveCopy, cap: usize) {
         let mut q = self.queue.borrow_mut();
-        if q.len() >= self.cap {
+        if q.len() >= cap {
             self.resync.set(true);
         } else {
             q.push_back(copy);
@@ -63,9 +110,11 @@ impl Outbox {
         self.wake();
     }
 
-    /// Asks the connection to close with this code and reason.
-    pub fn kick(&self, code: u16, reason: &'static str) {
-        self.kick.set(Some((code, reason)));
+    /// Asks the connection to close (the first reason given wins).
+    pub fn kick(&self, why: Kick) {
+        if self.kick.get().is_none() {
+            self.kick.set(Some(why));
+        }
         self.wake();
     }
 
@@ -78,7 +127,7 @@ impl Outbox {
         r
     }
 
-    pub fn kicked(&self) -> Option<(u16, &'static str)> {
+    pub fn kicked(&self) -> Option<Kick> {
         self.kick.get()
     }
 
@@ -88,16 +137,23 @@ impl Outbox {
     }
 
     /// Resolves when there is something to do: copies queued, a resync or a kick requested.
+    #[allow(dead_code)] // the session polls `poll_ready` in its own wait; kept for tests
     pub async fn ready(&self) {
-        poll_fn(|cx| {
-            if !self.queue.borrow().is_empty() || self.resync.get() || self.kick.get().is_some() {
-                Poll::Ready(())
-            } else {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
+        poll_fn(|cx| self.poll_ready(cx)).await
+    }
+
+    /// Ready when there is something to do; otherwise remembers the waker (replacing an older
+    /// one only when it would wake a different task).
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.queue.borrow().is_empty() || self.resync.get() || self.kick.get().is_some() {
+            return Poll::Ready(());
+        }
+        let mut w = self.waker.borrow_mut();
+        match &*w {
+            Some(old) if old.will_wake(cx.waker()) => {}
+            _ => *w = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     fn wake(&self) {
@@ -117,10 +173,10 @@ mod tests {
 
     #[test]
     fn overflow_turns_into_a_resync() {
-        let o = Outbox::new(2, 0);
-        o.push(copy(1));
-        o.push(copy(2));
-        o.push(copy(3));
+        let o = Outbox::new(0, 0);
+        o.push(copy(1), 2);
+        o.push(copy(2), 2);
+        o.push(copy(3), 2);
         assert!(o.take_resync());
         assert!(o.take_all().is_empty(), "a resync supersedes what was queued");
         assert!(!o.take_resync());
@@ -128,10 +184,30 @@ mod tests {
 
     #[test]
     fn take_all_returns_in_order() {
-        let o = Outbox::new(8, 0);
-        o.push(copy(1));
-        o.push(copy(2));
+        let o = Outbox::new(0, 0);
+        o.push(copy(1), 8);
+        o.push(copy(2), 8);
         let got: Vec<u64> = o.take_all().into_iter().map(|c| c.seq).collect();
         assert_eq!(got, vec![1, 2]);
+    }
+
+    #[test]
+    fn silence_is_counted_from_the_last_frame_on_the_coarse_clock() {
+        let o = Outbox::new(0, 100);
+        assert_eq!(o.silent_for(100), 0);
+        assert_eq!(o.silent_for(131), 31);
+        o.seen(130);
+        assert_eq!(o.silent_for(131), 1);
+        assert_eq!(o.silent_for(129), 0, "a clock read before the frame is not negative silence");
+    }
+
+    #[test]
+    fn the_first_kick_wins() {
+        let o = Outbox::new(0, 0);
+        assert_eq!(o.kicked(), None);
+        o.kick(Kick::Revoked);
+        o.kick(Kick::Draining);
+        assert_eq!(o.kicked(), Some(Kick::Revoked));
+        assert_eq!(Kick::Revoked.close(), (1008, "session revoked"));
     }
 }

@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use wscodec::{Decoder, Inbound, Limits, Violation};
@@ -74,39 +74,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
 
     /// The next message, `None` when the client closed the connection (EOF or after its Close).
     /// Cancel-safe: bytes read are decoded in the same poll, so dropping the future loses nothing.
+    #[allow(dead_code)] // the session polls `poll_next` in its own wait; tests use this
     pub async fn next(&mut self) -> Option<Result<Message, ReadError>> {
+        futures::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`WsIo::next`] as a poll: what the session's idle wait calls, so that waiting holds no
+    /// future of its own (only glommio's readiness poll, in the stream).
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, ReadError>>> {
         loop {
             if let Some(m) = self.inbound.pop_front() {
                 if self.inbound.is_empty() {
                     self.inbound = VecDeque::new();
                 }
-                return Some(Ok(m));
+                return Poll::Ready(Some(Ok(m)));
             }
             if let Some(v) = self.violation.take() {
-                return Some(Err(ReadError::Violation(v)));
+                return Poll::Ready(Some(Err(ReadError::Violation(v))));
             }
             if self.decoder.closed() {
-                return None;
+                return Poll::Ready(None);
             }
-            let read = futures::future::poll_fn(|cx| {
-                SCRATCH.with(|scratch| {
-                    let mut scratch = scratch.borrow_mut();
-                    match Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]) {
-                        Poll::Ready(Ok(n)) => {
-                            if n > 0 {
-                                self.decode(&mut scratch[..n]);
-                            }
-                            Poll::Ready(Ok(n))
+            let read = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                match Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]) {
+                    Poll::Ready(Ok(n)) => {
+                        if n > 0 {
+                            self.decode(&mut scratch[..n]);
                         }
-                        other => other,
+                        Poll::Ready(Ok(n))
                     }
-                })
-            })
-            .await;
+                    other => other,
+                }
+            });
             match read {
-                Ok(0) => return None,
-                Ok(_) => {}
-                Err(e) => return Some(Err(ReadError::Io(e))),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => return Poll::Ready(None),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(ReadError::Io(e)))),
             }
         }
     }
