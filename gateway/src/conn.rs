@@ -21,7 +21,7 @@ use crate::delivery::{Delivery, Live, ReceiptTarget};
 use crate::executor::ExecCtx;
 use crate::handshake::{self, Request};
 use crate::outbox::{Kick, Outbox};
-use crate::ratelimit::{ConnLimits, Kind};
+use crate::ratelimit::{ConnLimits, Kind, Scope};
 use crate::stream::{self, ClientStream};
 use crate::wsio::{Message, ReadError, WsIo};
 use protocol::ClientMsgId;
@@ -37,10 +37,16 @@ const MAX_UNACKED_TRACKED: usize = 1024;
 /// idle session is what a million connections multiply: the handshake and every step that is
 /// not waiting run in their own short-lived allocations (`Box::pin`), and the task itself keeps
 /// only the session and its idle wait (the size is logged at start-up, see executor.rs).
-pub async fn handle(ctx: Rc<ExecCtx>, tcp: TcpStream) {
-    let Some((mut session, since)) = Box::pin(accept(ctx, tcp)).await else { return };
-    let reason = session.run(since).await;
-    session.finish(reason);
+///
+/// Not an `async fn`: the arguments of one stay in its state for its whole life (128 bytes of
+/// socket and context here), so they go straight into the boxed handshake instead.
+pub fn handle(ctx: Rc<ExecCtx>, tcp: TcpStream) -> impl std::future::Future<Output = ()> {
+    let accepting = Box::pin(accept(ctx, tcp));
+    async move {
+        let Some((mut session, since)) = accepting.await else { return };
+        let reason = session.run(since).await;
+        session.finish(reason);
+    }
 }
 
 /// TLS if configured, the HTTP upgrade: request head, policy and authentication, limits; the
@@ -51,7 +57,7 @@ async fn accept(ctx: Rc<ExecCtx>, tcp: TcpStream) -> Option<(Session, u64)> {
     // One budget for the whole opening: the TLS handshake (if any) and the HTTP upgrade request.
     let timer = glommio::timer::sleep(Duration::from_secs(ctx.cfg.handshake_timeout_secs)).fuse();
     futures::pin_mut!(timer);
-    let Some(mut stream) = stream::open(&ctx, tcp, timer.as_mut()).await else { return None };
+    let mut stream = stream::open(&ctx, tcp, timer.as_mut()).await?;
     let head = {
         let read = read_head(&mut stream).fuse();
         futures::pin_mut!(read);
@@ -158,7 +164,7 @@ async fn accept(ctx: Rc<ExecCtx>, tcp: TcpStream) -> Option<(Session, u64)> {
         delivery: Delivery::new(0, MAX_UNACKED_TRACKED),
         mirror: false,
         watching: Vec::new(),
-        limits: ConnLimits::new(&ctx.cfg, user_slot, ctx.metrics.clone()),
+        limits: ConnLimits::new(ctx.rates, user_slot, Instant::now()),
         history_days: 0,
         send_chain: None,
     };
@@ -270,6 +276,12 @@ impl Session {
         ctx.metrics.closed(reason);
     }
 
+    /// Whether a frame of `kind` is within this connection's and its user's rates.
+    fn limit(&mut self, kind: Kind) -> Result<(), Scope> {
+        let ctx = &self.ctx;
+        self.limits.check(kind, ctx.rates, &ctx.metrics)
+    }
+
     async fn run(&mut self, since: u64) -> Reason {
         match Box::pin(self.start(since)).await {
             Ok(()) => {}
@@ -277,7 +289,7 @@ impl Session {
         }
         // Requests awaiting their answers, in the order they came; allocated only while there
         // are some (an idle connection holds none).
-        let mut pending: Option<Pending> = None;
+        let mut pending: Option<Box<Pending>> = None;
         loop {
             if let Some(kick) = self.outbox.kicked() {
                 if kick == Kick::Draining {
@@ -294,19 +306,23 @@ impl Session {
                     return reason;
                 }
             }
-            let wake = self.next_wake(&mut pending).await;
-            let step = match wake {
-                Wake::Outbox => Box::pin(self.deliver_live()).await,
-                Wake::Published(reply) => Box::pin(self.answer(reply)).await,
+            // What woke the loop is turned into its (boxed) step before anything is awaited, so
+            // that the wake-up itself (a reply or a frame) never sits in the task's idle state.
+            let step: futures::future::LocalBoxFuture<'_, Result<(), Reason>> = match self.next_wake(&mut pending).await {
+                Wake::Outbox => Box::pin(self.deliver_live()),
+                Wake::Published(reply) => Box::pin(self.answer(reply)),
                 Wake::Frame(None) => return "client_closed",
-                Wake::Frame(Some(Err(e))) => return Box::pin(self.fail(e)).await,
+                Wake::Frame(Some(Err(e))) => {
+                    let this = &mut *self;
+                    Box::pin(async move { Err(this.fail(e).await) })
+                }
                 Wake::Frame(Some(Ok(msg))) => {
                     self.outbox.seen(self.ctx.clock());
-                    let in_flight = pending.get_or_insert_with(FuturesOrdered::new);
-                    Box::pin(self.on_message(msg, in_flight)).await
+                    let in_flight = pending.get_or_insert_with(|| Box::new(FuturesOrdered::new()));
+                    Box::pin(self.on_message(msg, in_flight))
                 }
             };
-            if let Err(reason) = step {
+            if let Err(reason) = step.await {
                 return reason;
             }
         }
@@ -316,7 +332,7 @@ impl Session {
     /// of its own: live copies or a kick first, then answers to requests, then the client's
     /// next frame (not read while `max_inflight` requests are outstanding). Silence is the
     /// executor's business (its sweep kicks the connection).
-    fn next_wake<'a>(&'a mut self, pending: &'a mut Option<Pending>) -> impl std::future::Future<Output = Wake> + 'a {
+    fn next_wake<'a>(&'a mut self, pending: &'a mut Option<Box<Pending>>) -> impl std::future::Future<Output = Wake> + 'a {
         std::future::poll_fn(move |cx| {
             if self.outbox.poll_ready(cx).is_ready() {
                 return Poll::Ready(Wake::Outbox);
@@ -333,7 +349,7 @@ impl Session {
                     Poll::Pending => {}
                 }
             }
-            let can_read = pending.as_ref().map_or(0, FuturesOrdered::len) < self.ctx.cfg.max_inflight;
+            let can_read = pending.as_ref().map_or(0, |p| p.len()) < self.ctx.cfg.max_inflight;
             if can_read {
                 if let Poll::Ready(frame) = self.ws.poll_next(cx) {
                     return Poll::Ready(Wake::Frame(frame));
@@ -556,14 +572,14 @@ impl Session {
         };
         let limited = match &frame {
             ClientFrame::Send { id, .. } | ClientFrame::GroupSend { id, .. } => {
-                self.limits.check(Kind::Messages).err().map(|scope| (id, scope))
+                self.limit(Kind::Messages).err().map(|scope| (id, scope))
             }
             // History pages and settings cost NATS requests too (a backwards page up to one per item).
             ClientFrame::Group { id, .. }
             | ClientFrame::WhoRead { id, .. }
             | ClientFrame::Presence { id, .. }
             | ClientFrame::History { id, .. }
-            | ClientFrame::Settings { id, .. } => self.limits.check(Kind::Ops).err().map(|scope| (id, scope)),
+            | ClientFrame::Settings { id, .. } => self.limit(Kind::Ops).err().map(|scope| (id, scope)),
             _ => None,
         };
         if let Some((id, scope)) = limited {
@@ -696,7 +712,7 @@ impl Session {
                 Ok(())
             }
             ClientFrame::Typing { conv } => {
-                if self.limits.check(Kind::Typing).is_ok() {
+                if self.limit(Kind::Typing).is_ok() {
                     self.ctx.bridge.typing(self.user.clone(), conv);
                 } else {
                     self.ctx.metrics.typing_dropped.inc();

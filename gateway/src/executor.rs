@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fxhash::FxHashMap;
+use smallvec::SmallVec;
 use glommio::net::TcpListener;
 use glommio::{Latency, Shares, TaskQueueHandle};
 use protocol::{TokenKeys, UserId};
@@ -15,6 +16,9 @@ use crate::bridge::{Bridge, ExecEvent};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::{Kick, LiveCopy, Outbox};
+
+/// A user's connections on one executor: nearly always one, kept inline (no allocation).
+type Outboxes = SmallVec<[Rc<Outbox>; 1]>;
 
 /// What every connection task of one executor shares.
 pub struct ExecCtx {
@@ -25,15 +29,17 @@ pub struct ExecCtx {
     pub metrics: Arc<Metrics>,
     pub gateway_id: Arc<str>,
     pub limits: protocol::Limits,
+    /// Each connection's own rate limits (from `cfg`).
+    pub rates: crate::ratelimit::ConnRates,
     pub revocations: Arc<crate::revocation::Revocations>,
     /// Per-user limits, shared by every executor of this process.
     pub user_limits: Arc<crate::user_limits::UserLimits>,
     /// The TLS server side, when the listener has a certificate.
     pub tls: Option<futures_rustls::TlsAcceptor>,
     /// Connections by user, for live dispatch.
-    sessions: RefCell<FxHashMap<UserId, Vec<Rc<Outbox>>>>,
+    sessions: RefCell<FxHashMap<UserId, Outboxes>>,
     /// Connections watching a user's presence (`presence_sub`).
-    watchers: RefCell<FxHashMap<UserId, Vec<Rc<Outbox>>>>,
+    watchers: RefCell<FxHashMap<UserId, Outboxes>>,
     /// Set while the gateway drains: no new sessions.
     pub draining: Cell<bool>,
     /// Sends awaiting JetStream's ack, across this executor (drain waits for them).
@@ -125,7 +131,7 @@ impl ExecCtx {
     }
 
     pub fn session_count(&self) -> usize {
-        self.sessions.borrow().values().map(Vec::len).sum()
+        self.sessions.borrow().values().map(SmallVec::len).sum()
     }
 }
 
@@ -219,7 +225,7 @@ pub async fn run(ctx: Rc<ExecCtx>, events: flume::Receiver<ExecEvent>, ready: Ar
     }
 }
 
-fn remove(map: &mut FxHashMap<UserId, Vec<Rc<Outbox>>>, user: &UserId, outbox: &Rc<Outbox>) {
+fn remove(map: &mut FxHashMap<UserId, Outboxes>, user: &UserId, outbox: &Rc<Outbox>) {
     if let Some(list) = map.get_mut(user) {
         list.retain(|o| !Rc::ptr_eq(o, outbox));
         if list.is_empty() {
@@ -247,6 +253,7 @@ impl ExecCtx {
         user_limits: Arc<crate::user_limits::UserLimits>,
     ) -> Self {
         let limits = protocol::Limits { max_body: cfg.max_body };
+        let rates = crate::ratelimit::ConnRates::of(&cfg);
         ExecCtx {
             id,
             cfg,
@@ -255,6 +262,7 @@ impl ExecCtx {
             metrics,
             gateway_id,
             limits,
+            rates,
             revocations,
             user_limits,
             tls: None,

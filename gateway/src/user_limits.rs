@@ -3,16 +3,16 @@
 //! typing, and a cap on the user's concurrent connections. Without them a user multiplies its
 //! per-connection budget by opening more connections (devices, or duplicate sessions of one).
 //!
-//! The state is a map keyed by user, split into [`SHARDS`] shards each behind its own mutex,
-//! touched only when a connection opens or closes. A connection holds a [`UserSlot`]: a handle to
-//! its user's buckets, so the per-frame check locks one small per-user mutex, contended only by
-//! the same user's connections on other cores at the same instant.
+//! The state is a map keyed by user, split into [`SHARDS`] shards each behind its own mutex. A
+//! connection holds a [`UserSlot`] (its user's id, shared, and the limits); a limited frame locks
+//! its user's shard and finds the user's buckets there, contended only by connections of users
+//! of the same shard on other cores at the same instant.
 //!
 //! An entry lives while the user has a connection here, and [`crate::ratelimit::REFILL_TIME`]
 //! (2 s) after its last one closes — the time an empty bucket takes to refill — so closing and
 //! reopening connections buys no fresh burst. Memory is thus bounded by the users online on this
-//! process plus those that left in the last 2 s (a map entry, the user id and three buckets:
-//! a couple of hundred bytes each).
+//! process plus those that left in the last 2 s (a map entry with three 8-byte buckets, under
+//! a hundred bytes each; the user id is shared with the connection).
 //!
 //! The limits hold per gateway process, not across gateways: a user with connections on k
 //! gateways gets at most k times the per-user budget (k ≤ the number of gateways, and ≤ the
@@ -30,7 +30,7 @@ use fxhash::FxHashMap;
 use prometheus_client::metrics::gauge::Gauge;
 use protocol::UserId;
 
-use crate::ratelimit::{Kind, RateLimit, REFILL_TIME};
+use crate::ratelimit::{Kind, Rate, RateLimit, REFILL_TIME};
 
 /// Shards of the user map: enough that connects and closes on different cores rarely meet.
 const SHARDS: usize = 64;
@@ -51,6 +51,16 @@ pub struct TooManyConnections {
     pub open: u32,
 }
 
+impl UserRates {
+    fn of(&self, kind: Kind) -> Rate {
+        Rate::per_sec(match kind {
+            Kind::Messages => self.messages_per_sec,
+            Kind::Ops => self.ops_per_sec,
+            Kind::Typing => self.typing_per_sec,
+        })
+    }
+}
+
 /// A user's buckets, shared by its connections.
 struct Buckets {
     messages: RateLimit,
@@ -61,16 +71,24 @@ struct Buckets {
 impl Buckets {
     fn new(rates: &UserRates, now: Instant) -> Self {
         Buckets {
-            messages: RateLimit::per_sec_at(rates.messages_per_sec, now),
-            ops: RateLimit::per_sec_at(rates.ops_per_sec, now),
-            typing: RateLimit::per_sec_at(rates.typing_per_sec, now),
+            messages: RateLimit::full_at(rates.of(Kind::Messages), now),
+            ops: RateLimit::full_at(rates.of(Kind::Ops), now),
+            typing: RateLimit::full_at(rates.of(Kind::Typing), now),
+        }
+    }
+
+    fn of(&mut self, kind: Kind) -> &mut RateLimit {
+        match kind {
+            Kind::Messages => &mut self.messages,
+            Kind::Ops => &mut self.ops,
+            Kind::Typing => &mut self.typing,
         }
     }
 }
 
 struct Entry {
     connections: u32,
-    buckets: Arc<Mutex<Buckets>>,
+    buckets: Buckets,
     /// When the last connection closed (None while the user has one).
     idle_since: Option<Instant>,
 }
@@ -132,21 +150,34 @@ impl UserLimits {
         let mut shard = lock(self.shard(user));
         shard.sweep(now, &self.tracked);
         let max = self.rates.max_connections;
-        let buckets = match shard.users.get_mut(user) {
+        match shard.users.get_mut(user) {
             Some(e) if max != 0 && e.connections >= max => return Err(TooManyConnections { open: e.connections }),
             Some(e) => {
                 e.connections += 1;
                 e.idle_since = None;
-                e.buckets.clone()
             }
             None => {
-                let buckets = Arc::new(Mutex::new(Buckets::new(&self.rates, now)));
-                shard.users.insert(user.clone(), Entry { connections: 1, buckets: buckets.clone(), idle_since: None });
+                let buckets = Buckets::new(&self.rates, now);
+                shard.users.insert(user.clone(), Entry { connections: 1, buckets, idle_since: None });
                 self.tracked.inc();
-                buckets
             }
-        };
-        Ok(UserSlot { limits: self.clone(), user: user.clone(), buckets, closed_at: None })
+        }
+        Ok(UserSlot {
+            limits: self.clone(),
+            user: user.clone(),
+            #[cfg(test)]
+            closed_at: None,
+        })
+    }
+
+    /// Takes a token of `kind` from `user`'s bucket if there is one at `now`.
+    fn allow_at(&self, user: &UserId, kind: Kind, now: Instant) -> bool {
+        let mut shard = lock(self.shard(user));
+        match shard.users.get_mut(user) {
+            Some(e) => e.buckets.of(kind).allow_at(self.rates.of(kind), now),
+            // Unreachable while a slot is held (its entry stays); allow rather than refuse.
+            None => true,
+        }
     }
 
     fn release(&self, user: &UserId, now: Instant) {
@@ -196,20 +227,15 @@ impl UserLimits {
 pub struct UserSlot {
     limits: Arc<UserLimits>,
     user: UserId,
-    buckets: Arc<Mutex<Buckets>>,
     /// A test's clock for the release (the real one otherwise).
+    #[cfg(test)]
     closed_at: Option<Instant>,
 }
 
 impl UserSlot {
     /// Takes a token of `kind` from the user's bucket if there is one at `now`.
     pub fn allow_at(&self, kind: Kind, now: Instant) -> bool {
-        let mut b = lock(&self.buckets);
-        match kind {
-            Kind::Messages => b.messages.allow_at(now),
-            Kind::Ops => b.ops.allow_at(now),
-            Kind::Typing => b.typing.allow_at(now),
-        }
+        self.limits.allow_at(&self.user, kind, now)
     }
 
     /// Drops the slot as if its connection closed at `now`.
@@ -221,7 +247,11 @@ impl UserSlot {
 
 impl Drop for UserSlot {
     fn drop(&mut self) {
-        self.limits.release(&self.user, self.closed_at.unwrap_or_else(Instant::now));
+        #[cfg(test)]
+        let now = self.closed_at.unwrap_or_else(Instant::now);
+        #[cfg(not(test))]
+        let now = Instant::now();
+        self.limits.release(&self.user, now);
     }
 }
 

@@ -2,6 +2,7 @@
 //! downstream (NATS subjects, KV keys, dedup headers) can use it without escaping.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Why an identifier was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,18 +34,21 @@ fn check(what: &'static str, s: &str, max: usize, ok: fn(u8) -> bool) -> Result<
     Ok(())
 }
 
+// Ids are immutable once parsed and are cloned into many maps (a gateway keeps a user's id in
+// its session, its executor's registry, the per-user limits, the live subscriptions and
+// presence): a shared string makes each clone a reference count, not another allocation.
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $ok:expr) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             pub const MAX_LEN: usize = $max;
 
             pub fn parse(s: &str) -> Result<Self, IdError> {
                 check($what, s, $max, $ok)?;
-                Ok(Self(s.to_owned()))
+                Ok(Self(s.into()))
             }
 
             pub fn as_str(&self) -> &str {
@@ -93,7 +97,7 @@ id_type!(
 impl DeviceId {
     /// The device id used when neither the token nor the handshake names one.
     pub fn default_device() -> Self {
-        Self("default".to_owned())
+        Self("default".into())
     }
 }
 

@@ -423,8 +423,8 @@ pub fn start(
 
 /// Live interest of this gateway in one user.
 struct Interest {
-    /// Connections per executor: (executor, count).
-    execs: Vec<(usize, u32)>,
+    /// Connections per executor: (executor, count); nearly always one, kept inline.
+    execs: smallvec::SmallVec<[(usize, u32); 1]>,
     /// The live multiplexer's subscription.
     sid: u64,
     /// Subscribers waiting until the server confirms the subscription.
@@ -582,7 +582,7 @@ async fn run(
                             continue;
                         }
                         let sid = mux.subscribe(user.clone());
-                        interests.insert(user.clone(), Interest { execs: vec![(exec, 1)], sid, waiting: Some(vec![reply]) });
+                        interests.insert(user.clone(), Interest { execs: smallvec::smallvec![(exec, 1)], sid, waiting: Some(vec![reply]) });
                         let _ = presence.send(PresenceCmd::Online(user.clone()));
                         metrics.live_subscriptions.inc();
                     }
