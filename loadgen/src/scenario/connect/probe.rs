@@ -277,7 +277,8 @@ impl Report {
         self.check.failed + self.check.unanswered
     }
 
-    /// Connections of the ring that did not send (their connection ended before the order).
+    /// Connections of the ring that had not written their probe when it was judged (their
+    /// connection ended first, or the deadline came first).
     pub fn not_sent(&self) -> u64 {
         self.ring.saturating_sub(self.check.issued)
     }
@@ -295,7 +296,7 @@ impl Report {
             )
         } else if self.unconfirmed() > 0 || self.not_sent() > 0 {
             format!(
-                "ERRORS: {} refused, {} unanswered, {} connections could not send; no acknowledged probe lost",
+                "ERRORS: {} refused, {} unanswered, {} connections had not sent by the deadline; no acknowledged probe lost",
                 c.failed,
                 c.unanswered,
                 self.not_sent()
