@@ -6,8 +6,12 @@
 #
 #   bench-results/many-connections.sh [--skip-build] [--out DIR]
 #
+# After the hold, loadgen's delivery probe has every held connection send one message to another
+# held connection (PROBE_RATE per second in all) and checks that each receives exactly one.
+#
 # Environment: CONNECTIONS (100000), GATEWAYS (ceil(CONNECTIONS / 16000)), RATE (2000/s),
-# HOLD (30s), SOURCE_IPS (16), NATS_SERVER. Writes loadgen connect's JSON/Markdown/SVG into the
+# HOLD (30s), SOURCE_IPS (16), PROBE_RATE (2000/s; PROBE=0 skips the probe), NATS_SERVER.
+# Writes loadgen connect's JSON/Markdown/SVG into the
 # output directory (default bench-results/) plus many-<stamp>.md: the kernel's own memory for
 # the sockets (Slab and TCP buffer pages from /proc, before and with the connections) beside
 # the processes' RSS, so the whole cost per connection is known.
@@ -32,10 +36,13 @@ GATEWAYS="${GATEWAYS:-$(( (CONNECTIONS + 15999) / 16000 ))}"
 RATE="${RATE:-2000}"
 HOLD="${HOLD:-30s}"
 SOURCE_IPS="${SOURCE_IPS:-16}"
-NATS="${NATS_SERVER:-$root/.tools/bin/nats-server}"
-log() { echo "[many $(date -u +%H:%M:%S)] $*" >&2; }
-
-[[ -x "$NATS" ]] || "$root/scripts/install-nats.sh"
+PROBE="${PROBE:-1}"
+PROBE_RATE="${PROBE_RATE:-2000}"
+LOG_TAG=many
+# shellcheck source=bench-results/lib.sh
+source "$root/bench-results/lib.sh"
+[[ -x "${NATS_SERVER:-$root/.tools/bin/nats-server}" ]] || "$root/scripts/install-nats.sh"
+NATS="$(find_nats)"
 if [[ $build == 1 ]]; then
     (cd "$root" && cargo build --release -p gateway -p storage -p loadgen)
 fi
@@ -51,31 +58,26 @@ if [[ $EUID == 0 ]]; then
 fi
 ulimit -n "$(ulimit -Hn)"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    sleep 1
-    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
+cleanup() { stop_all; rm -rf "$work"; }
 trap cleanup EXIT
-wait_http() { for _ in $(seq 1 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; log "$2 not ready at $1"; exit 2; }
+trap 'exit 130' INT TERM
 
 JWT_SECRET="many-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"; export JWT_SECRET
 np="$(free_port)"; nm="$(free_port)"; sm="$(free_port)"; gp="$(free_port)"
-"$NATS" -js -p "$np" -m "$nm" -sd "$work/store" >"$work/nats.log" 2>&1 & pids+=($!); nats_pid=$!
-wait_http "http://127.0.0.1:$nm/healthz" nats-server
-storage --nats-url "nats://127.0.0.1:$np" --metrics-addr "127.0.0.1:$sm" >"$work/storage.log" 2>&1 & pids+=($!)
-wait_http "http://127.0.0.1:$sm/readyz" storage
+start nats-server "$NATS" -js -a 127.0.0.1 -p "$np" -m "$nm" -sd "$work/store"; nats_pid=$LAST_PID
+wait_ready nats-server "http://127.0.0.1:$nm/healthz" "$nats_pid" "$work/nats-server.log"
+start storage storage --nats-url "nats://127.0.0.1:$np" --metrics-addr "127.0.0.1:$sm"
+wait_ready storage "http://127.0.0.1:$sm/readyz" "$LAST_PID" "$work/storage.log"
 metrics=()
+gw_pids=()
 for g in $(seq 1 "$GATEWAYS"); do
     m="$(free_port)"
-    gateway --listen "127.0.0.1:$gp" --metrics-addr "127.0.0.1:$m" --nats-url "nats://127.0.0.1:$np" \
-        --cores 1 --gateway-id "many-$g" >"$work/gateway-$g.log" 2>&1 & pids+=($!)
+    start "gateway-$g" gateway --listen "127.0.0.1:$gp" --metrics-addr "127.0.0.1:$m" \
+        --nats-url "nats://127.0.0.1:$np" --cores 1 --gateway-id "many-$g"
     metrics+=(--metrics-url "http://127.0.0.1:$m/metrics")
+    gw_pids+=(--gateway-pid "$LAST_PID")
 done
-for a in "${metrics[@]}"; do [[ $a == --metrics-url ]] || wait_http "${a%/metrics}/readyz" gateway; done
+for a in "${metrics[@]}"; do [[ $a == --metrics-url ]] || wait_ready gateway "${a%/metrics}/readyz"; done
 log "nats-server, storage and $GATEWAYS gateway processes on port $gp"
 
 kernel() { # Slab kB, TCP pages, TCP sockets in use
@@ -98,8 +100,11 @@ stamp="$(date -u +%Y%m%dT%H%M%SZ)"
     done
 ) & sampler=$!
 status=0
-loadgen connect --url "ws://127.0.0.1:$gp/ws" "${metrics[@]}" --connections "$CONNECTIONS" --rate "$RATE" \
-    --hold "$HOLD" --source-ips "$SOURCE_IPS" --out "$out" || status=$?
+probe=(--probe-rate "$PROBE_RATE")
+[[ "$PROBE" == 1 ]] || probe=(--no-probe)
+loadgen connect --url "ws://127.0.0.1:$gp/ws" "${metrics[@]}" "${gw_pids[@]}" --nats-pid "$nats_pid" \
+    --connections "$CONNECTIONS" --rate "$RATE" --hold "$HOLD" --source-ips "$SOURCE_IPS" "${probe[@]}" \
+    --out "$out" || status=$?
 kill "$sampler" 2>/dev/null || true
 read -r slab1 tcpmem1 socks1 <"$work/kernel.last"
 nats1="$(cat "$work/nats.last")"
@@ -108,7 +113,7 @@ sockets=$((socks1 - socks0))
 {
     echo "# Many connections — $stamp"
     echo
-    echo "* command: \`CONNECTIONS=$CONNECTIONS GATEWAYS=$GATEWAYS RATE=$RATE HOLD=$HOLD SOURCE_IPS=$SOURCE_IPS bench-results/many-connections.sh\`"
+    echo "* command: \`CONNECTIONS=$CONNECTIONS GATEWAYS=$GATEWAYS RATE=$RATE HOLD=$HOLD SOURCE_IPS=$SOURCE_IPS PROBE=$PROBE PROBE_RATE=$PROBE_RATE bench-results/many-connections.sh\`"
     echo "* commit: \`$(git -C "$root" rev-parse HEAD)\`; machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
     echo "* $GATEWAYS gateway processes (\`--cores 1\` each) on one port (SO_REUSEPORT), loadgen connect workers of ≤ 19,000 connections, $SOURCE_IPS source addresses; loadgen exit status $status (its report: connect-*.md of this run)"
     echo

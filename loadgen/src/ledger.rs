@@ -14,7 +14,7 @@
 //! joins them at the end.
 
 use fxhash::FxHashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the sender knows about its message `seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +164,7 @@ impl ReceiverBook {
 }
 
 /// The verdict.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Check {
     /// Messages issued by senders.
     pub issued: u64,
@@ -206,6 +206,27 @@ pub struct Check {
 }
 
 impl Check {
+    /// Adds the verdict of another, disjoint set of books (another worker process's).
+    pub fn merge(&mut self, o: &Check) {
+        self.issued += o.issued;
+        self.acknowledged += o.acknowledged;
+        self.failed += o.failed;
+        self.unanswered += o.unanswered;
+        self.delivered_once += o.delivered_once;
+        self.lost += o.lost;
+        self.duplicates += o.duplicates;
+        self.reordered += o.reordered;
+        self.seq_regressions += o.seq_regressions;
+        self.redelivered += o.redelivered;
+        self.misdelivered += o.misdelivered;
+        self.phantom += o.phantom;
+        self.delivered_unacknowledged += o.delivered_unacknowledged;
+        self.repeated_ticks += o.repeated_ticks;
+        self.dup_flagged_ticks += o.dup_flagged_ticks;
+        self.unknown_ids += o.unknown_ids;
+        self.unreadable += o.unreadable;
+    }
+
     pub fn violations(&self) -> u64 {
         self.lost
             + self.duplicates
@@ -286,9 +307,9 @@ mod tests {
         let mut senders = vec![SenderBook::default(), SenderBook::default()];
         let mut receivers = vec![ReceiverBook::default(), ReceiverBook::default()];
         let mut inbox = [0u64; 2];
-        for s in 0..2usize {
+        for (s, sender) in senders.iter_mut().enumerate() {
             for seq in 0..5 {
-                senders[s].sent(seq, false);
+                sender.sent(seq, false);
                 let r = 1 - s;
                 inbox[r] += 1;
                 assert!(receivers[r].inbox_seq(inbox[r]));
@@ -331,6 +352,21 @@ mod tests {
         assert_eq!(c.lost, 1);
         assert_eq!(c.misdelivered, 1);
         assert_eq!(c.violations(), 2);
+    }
+
+    #[test]
+    fn merged_checks_add_up_and_survive_json() {
+        let a = Check { issued: 3, acknowledged: 2, unanswered: 1, delivered_once: 2, ..Default::default() };
+        let b = Check { issued: 4, acknowledged: 4, delivered_once: 3, lost: 1, phantom: 2, ..Default::default() };
+        let mut m = a.clone();
+        m.merge(&b);
+        assert_eq!((m.issued, m.acknowledged, m.unanswered, m.delivered_once), (7, 6, 1, 5));
+        assert_eq!(m.violations(), 3, "one lost, two phantom");
+        let back: Check = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        // Merging an empty verdict changes nothing.
+        m.merge(&Check::default());
+        assert_eq!(back, m);
     }
 
     #[test]

@@ -74,7 +74,9 @@ enum Cmd {
     /// latency, and checks the delivery ledger (lost, duplicates, reordered → exit status 1).
     Chat(chat::Args),
     /// Opens N authenticated connections at a target rate and holds them; reports handshake
-    /// latency, failures by cause and the gateway's memory per connection.
+    /// latency, failures by cause, the gateway's memory per connection, connections per gateway
+    /// CPU second during the ramp (--gateway-pid), and a delivery probe: every held connection
+    /// sends one message to another and must receive exactly one (exit 1 on loss or duplicates).
     #[command(after_help = connect::SYSCTL_HELP)]
     Connect(connect::Args),
     /// One group of up to 1024 online members; one posts at a fixed rate: time from the send to

@@ -7,6 +7,17 @@
 //! process needs more than ~19,000 file descriptors. Workers talk to the parent with JSON lines
 //! on stdout (progress, "ramped", the final result with serialised histograms) and take one
 //! command on stdin (`release`: close everything and report).
+//!
+//! Before the release, the delivery probe ([`probe`]): the parent sends `probe <json>`, each
+//! worker has every held connection send one message to the next held connection of its ring,
+//! waits for the ticks and deliveries, judges its ledger and reports it (`probed`).
+//!
+//! The ramp is also a measurement of connection setup cost: with `--gateway-pid` (and
+//! `--nats-pid`) the CPU seconds those processes used during the ramp are read from /proc, so
+//! the report gives connections opened per gateway CPU second — the per-core figure on a machine
+//! whose cores loadgen and nats-server share.
+
+mod probe;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -21,13 +32,14 @@ use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, GatewayArgs};
 use crate::hist::{self, Hist};
+use crate::procfs;
 use crate::report::{self, Output, Progress};
 use crate::scrape::{self, Samples};
 use crate::util::{self, fmt_duration, fmt_rate, parse_duration};
@@ -86,6 +98,15 @@ pub struct Args {
     /// User id prefix (users are `<prefix>-c<i>`); default: a fresh random prefix.
     #[arg(long)]
     pub user_prefix: Option<String>,
+    #[command(flatten)]
+    pub probe: probe::ProbeArgs,
+    /// The pid of a gateway process (repeat for several): the CPU seconds it uses during the ramp
+    /// (and the probe) are read from /proc/<pid>/stat, giving connections per gateway CPU second.
+    #[arg(long = "gateway-pid")]
+    pub gateway_pids: Vec<u32>,
+    /// The pid of nats-server, to report its CPU seconds beside the gateways'.
+    #[arg(long)]
+    pub nats_pid: Option<u32>,
 }
 
 /// What a worker is asked to do (passed as JSON; the secret travels in its environment).
@@ -116,10 +137,25 @@ pub struct WorkerArgs {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Event {
-    Progress { attempted: u64, open: u64, failed: u64, dropped: u64 },
-    Ramped { open: u64, failed: u64 },
+    Progress {
+        attempted: u64,
+        open: u64,
+        failed: u64,
+        dropped: u64,
+        #[serde(default)]
+        probes_sent: u64,
+        #[serde(default)]
+        probes_delivered: u64,
+    },
+    Ramped {
+        open: u64,
+        failed: u64,
+    },
+    Probed(Box<probe::Report>),
     Result(Box<WorkerResult>),
-    Fatal { error: String },
+    Fatal {
+        error: String,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -148,6 +184,12 @@ struct WCounters {
     dropped: AtomicU64,
     pings: AtomicU64,
     pongs: AtomicU64,
+    /// Probe orders a connection took and wrote, or could not write.
+    probes_sent: AtomicU64,
+    probes_unsent: AtomicU64,
+    probes_acked: AtomicU64,
+    probes_refused: AtomicU64,
+    probes_delivered: AtomicU64,
 }
 
 #[derive(Default)]
@@ -156,6 +198,8 @@ struct WBooks {
     h_upgrade: Option<Hist>,
     h_hello: Option<Hist>,
     h_synced: Option<Hist>,
+    h_probe_sent: Option<Hist>,
+    h_probe_deliver: Option<Hist>,
     failures: BTreeMap<String, u64>,
     failure_examples: BTreeMap<String, String>,
     dropped: BTreeMap<String, u64>,
@@ -179,6 +223,12 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<i32> {
     }
 }
 
+/// What the parent tells a worker on its stdin.
+enum Cmd {
+    Probe(probe::Command),
+    Release,
+}
+
 async fn worker_inner(spec: WorkerSpec) -> anyhow::Result<()> {
     let nofile = util::raise_nofile();
     if nofile < spec.count + 32 {
@@ -191,9 +241,11 @@ async fn worker_inner(spec: WorkerSpec) -> anyhow::Result<()> {
     let secret = std::env::var("JWT_SECRET").context("worker needs JWT_SECRET")?;
     let keys = protocol::TokenKeys::hs256(secret.as_bytes(), 0);
     let targets = Arc::new(client::resolve_all(&spec.urls, spec.ca_file.as_deref()).await?);
+    let names = Arc::new(probe::Names { prefix: spec.user_prefix.clone(), first: spec.first, count: spec.count });
 
-    // `release` (or the parent going away: EOF) ends the hold.
+    // `release` (or the parent going away: EOF) ends the hold; `probe <json>` starts the probe.
     let (release_tx, release_rx) = watch::channel(false);
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Cmd>();
     std::thread::spawn(move || {
         let stdin = std::io::stdin();
         let mut line = String::new();
@@ -202,10 +254,17 @@ async fn worker_inner(spec: WorkerSpec) -> anyhow::Result<()> {
             match stdin.lock().read_line(&mut line) {
                 Ok(0) | Err(_) => break,
                 Ok(_) if line.trim() == "release" => break,
-                Ok(_) => {}
+                Ok(_) => match line.trim().strip_prefix("probe ").map(serde_json::from_str::<probe::Command>) {
+                    Some(Ok(c)) => {
+                        let _ = cmd_tx.send(Cmd::Probe(c));
+                    }
+                    Some(Err(e)) => emit(&Event::Fatal { error: format!("bad probe command: {e}") }),
+                    None => {}
+                },
             }
         }
         let _ = release_tx.send(true);
+        let _ = cmd_tx.send(Cmd::Release);
     });
 
     let counters = Arc::new(WCounters::default());
@@ -214,8 +273,15 @@ async fn worker_inner(spec: WorkerSpec) -> anyhow::Result<()> {
         h_upgrade: Some(hist::new()),
         h_hello: Some(hist::new()),
         h_synced: Some(hist::new()),
+        h_probe_sent: Some(hist::new()),
+        h_probe_deliver: Some(hist::new()),
         ..Default::default()
     }));
+    // Each connection's probe books, and the channel through which it gets its one probe order
+    // (closed once its task has ended: the connection is not held).
+    let probe_books: Arc<Vec<Mutex<probe::Book>>> =
+        Arc::new((0..spec.count).map(|_| Mutex::new(probe::Book::default())).collect());
+    let mut orders: Vec<Option<oneshot::Sender<probe::Order>>> = Vec::with_capacity(spec.count as usize);
     let progress = {
         let c = counters.clone();
         tokio::spawn(async move {
@@ -227,6 +293,8 @@ async fn worker_inner(spec: WorkerSpec) -> anyhow::Result<()> {
                     open: c.open.load(Relaxed),
                     failed: c.failed.load(Relaxed),
                     dropped: c.dropped.load(Relaxed),
+                    probes_sent: c.probes_sent.load(Relaxed),
+                    probes_delivered: c.probes_delivered.load(Relaxed),
                 });
             }
         })
@@ -246,6 +314,9 @@ async fn worker_inner(spec: WorkerSpec) -> anyhow::Result<()> {
         let target = targets[(i % targets.len() as u64) as usize].clone();
         let source = util::source_ip(spec.source_ip_base, spec.source_ips, i);
         let (c, b, mut release) = (counters.clone(), books.clone(), release_rx.clone());
+        let (pb, names) = (probe_books.clone(), names.clone());
+        let (order_tx, mut order_rx) = oneshot::channel::<probe::Order>();
+        orders.push(Some(order_tx));
         c.attempted.fetch_add(1, Relaxed);
         tasks.push(tokio::spawn(async move {
             let opened = client::open(&target, &token, source, client::ws_config(4096), timeout).await;
@@ -269,13 +340,26 @@ async fn worker_inner(spec: WorkerSpec) -> anyhow::Result<()> {
                     return;
                 }
             };
-            // Hold: ping on a jittered schedule, answer the server, until released.
+            let book = &pb[k as usize];
+            // Hold: ping on a jittered schedule, answer the server, send the probe when told to,
+            // until released.
             let phase = Duration::from_millis(rand::random_range(0..ping.as_millis() as u64));
             let mut next_ping = tokio::time::Instant::now() + phase;
+            let mut order_open = true;
             let dropped = loop {
                 tokio::select! {
                     biased;
                     _ = release.changed() => break None,
+                    order = &mut order_rx, if order_open => {
+                        order_open = false;
+                        let Ok(o) = order else { continue };
+                        book.lock().unwrap().issued = 1;
+                        if let Err(e) = ws.send(Message::Text(probe::send_frame(&o.to, o.intended_us).into())).await {
+                            c.probes_unsent.fetch_add(1, Relaxed);
+                            break Some(client::ws_fail("probe", &e).cause);
+                        }
+                        c.probes_sent.fetch_add(1, Relaxed);
+                    }
                     m = ws.next() => match m {
                         None => break Some("eof".to_owned()),
                         Some(Err(e)) => break Some(client::ws_fail("hold", &e).cause),
@@ -283,8 +367,23 @@ async fn worker_inner(spec: WorkerSpec) -> anyhow::Result<()> {
                             break Some(format!("closed_{}", f.map(|f| u16::from(f.code)).unwrap_or(1005)))
                         }
                         Some(Ok(Message::Text(t))) => {
-                            if t.as_str().contains(r#""t":"pong""#) {
-                                c.pongs.fetch_add(1, Relaxed);
+                            let seen = book.lock().unwrap().on_frame(t.as_str(), &names, util::now_us());
+                            match seen {
+                                probe::Seen::Pong => {
+                                    c.pongs.fetch_add(1, Relaxed);
+                                }
+                                probe::Seen::Ticked { latency_us } => {
+                                    c.probes_acked.fetch_add(1, Relaxed);
+                                    hist::record(b.lock().unwrap().h_probe_sent.as_mut().unwrap(), latency_us);
+                                }
+                                probe::Seen::Refused => {
+                                    c.probes_refused.fetch_add(1, Relaxed);
+                                }
+                                probe::Seen::Delivered { latency_us } => {
+                                    c.probes_delivered.fetch_add(1, Relaxed);
+                                    hist::record(b.lock().unwrap().h_probe_deliver.as_mut().unwrap(), latency_us);
+                                }
+                                probe::Seen::Judged | probe::Seen::Other => {}
                             }
                         }
                         Some(Ok(_)) => {}
@@ -324,12 +423,19 @@ async fn worker_inner(spec: WorkerSpec) -> anyhow::Result<()> {
     }
     let ramp_seconds = started.elapsed().as_secs_f64();
     emit(&Event::Ramped { open: counters.open.load(Relaxed), failed: counters.failed.load(Relaxed) });
-    let mut release = release_rx.clone();
-    while !*release.borrow_and_update() {
-        if release.changed().await.is_err() {
-            break;
+    let mut probed = false;
+    while let Some(cmd) = cmd_rx.recv().await {
+        match cmd {
+            Cmd::Probe(p) if !probed => {
+                probed = true;
+                let r = run_probe(p, &names, &mut orders, &probe_books, &counters, &books, release_rx.clone()).await?;
+                emit(&Event::Probed(Box::new(r)));
+            }
+            Cmd::Probe(_) => {}
+            Cmd::Release => break,
         }
     }
+    drop(orders);
     let open_at_release = counters.open.load(Relaxed);
     let all = futures::future::join_all(tasks);
     let _ = tokio::time::timeout(Duration::from_secs(20), all).await;
@@ -355,10 +461,86 @@ async fn worker_inner(spec: WorkerSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The probe in one worker: the ring over its held connections, one order each at the worker's
+/// share of `--probe-rate`, then a wait (up to the timeout after the last send is due) for the
+/// ticks and deliveries, and the verdict of the ledger.
+async fn run_probe(
+    cmd: probe::Command,
+    names: &probe::Names,
+    orders: &mut [Option<oneshot::Sender<probe::Order>>],
+    books: &[Mutex<probe::Book>],
+    c: &WCounters,
+    hists: &Mutex<WBooks>,
+    mut release: watch::Receiver<bool>,
+) -> anyhow::Result<probe::Report> {
+    // Held: the connection's task still listens for its order.
+    let live: Vec<usize> = (0..orders.len()).filter(|&k| orders[k].as_ref().is_some_and(|o| !o.is_closed())).collect();
+    let pairs = probe::ring(&live);
+    let mut target: Vec<Option<usize>> = vec![None; books.len()];
+    let clock = util::clock();
+    let start_us = clock.now_us();
+    let interval_us = 1e6 / cmd.rate.max(0.001);
+    let mut given = 0u64;
+    for (n, &(s, r)) in pairs.iter().enumerate() {
+        if *release.borrow() {
+            break;
+        }
+        let intended_us = start_us + (n as f64 * interval_us) as u64;
+        tokio::time::sleep_until(clock.instant_at(intended_us).into()).await;
+        target[s] = Some(r);
+        let order = probe::Order { to: names.name(r), intended_us };
+        // A connection that ended since the ring was drawn cannot send: its recipient then
+        // expects nothing (its own probe, if it was ticked, is judged like any other).
+        if let Some(tx) = orders[s].take() {
+            if tx.send(order).is_ok() {
+                given += 1;
+            }
+        }
+    }
+    // Wait until every order was written (or could not be), answered, and every tick delivered.
+    let deadline =
+        clock.instant_at(start_us + (pairs.len() as f64 * interval_us) as u64) + Duration::from_millis(cmd.timeout_ms);
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let mut timed_out = false;
+    loop {
+        let taken = c.probes_sent.load(Relaxed) + c.probes_unsent.load(Relaxed);
+        let sent = c.probes_sent.load(Relaxed);
+        let answered = c.probes_acked.load(Relaxed) + c.probes_refused.load(Relaxed);
+        if taken >= given && answered >= sent && c.probes_delivered.load(Relaxed) >= c.probes_acked.load(Relaxed) {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline || *release.borrow_and_update() {
+            timed_out = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = (clock.now_us().saturating_sub(start_us)) as f64 / 1e6;
+    let mut taken: Vec<probe::Book> = books.iter().map(|b| std::mem::take(&mut *b.lock().unwrap())).collect();
+    let mut errors = BTreeMap::new();
+    let mut other_items = 0;
+    for b in &taken {
+        for (k, v) in &b.errors {
+            *errors.entry(k.clone()).or_default() += v;
+        }
+        other_items += b.other_items;
+    }
+    let check = probe::judge(&mut taken, &target);
+    let mut r = probe::Report::new(pairs.len() as u64, check, errors, other_items);
+    let h = hists.lock().unwrap();
+    r.h_sent = hist::to_hex(h.h_probe_sent.as_ref().expect("set at start"));
+    r.h_deliver = hist::to_hex(h.h_probe_deliver.as_ref().expect("set at start"));
+    r.seconds = seconds;
+    r.timed_out = u64::from(timed_out);
+    Ok(r)
+}
+
 /// One worker as the parent sees it.
 struct WorkerHandle {
     child: tokio::process::Child,
     stdin: Option<tokio::process::ChildStdin>,
+    /// Connections it opens.
+    count: u64,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -367,8 +549,102 @@ struct WorkerState {
     open: u64,
     failed: u64,
     dropped: u64,
+    probes_sent: u64,
+    probes_delivered: u64,
     ramped: bool,
+    probed: bool,
     done: bool,
+}
+
+/// What the workers reported at the end of the probe and at the release.
+struct Got {
+    results: Vec<Option<WorkerResult>>,
+    probes: Vec<Option<probe::Report>>,
+}
+
+/// CPU seconds of the processes under test at one instant.
+struct CpuMark {
+    at: Instant,
+    gateways: Vec<Option<f64>>,
+    nats: Option<f64>,
+    workers: Option<f64>,
+}
+
+fn cpu_mark(args: &Args, worker_pids: &[u32]) -> CpuMark {
+    let read = |pid: u32| procfs::cpu_seconds(Some(pid)).ok();
+    CpuMark {
+        at: Instant::now(),
+        gateways: args.gateway_pids.iter().map(|&p| read(p)).collect(),
+        nats: args.nats_pid.and_then(read),
+        workers: worker_pids.iter().map(|&p| read(p)).sum(),
+    }
+}
+
+/// CPU seconds the processes under test used over a window (the ramp, the probe).
+#[derive(Debug, Clone)]
+pub struct CpuWindow {
+    pub wall_s: f64,
+    /// Per `--gateway-pid`, in order (`None`: unreadable at either end).
+    pub gateways: Vec<(u32, Option<f64>)>,
+    pub nats: Option<(u32, Option<f64>)>,
+    /// loadgen's worker processes together.
+    pub workers: Option<f64>,
+}
+
+impl CpuWindow {
+    fn between(args: &Args, from: &CpuMark, to: &CpuMark) -> CpuWindow {
+        let used = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+        CpuWindow {
+            wall_s: to.at.duration_since(from.at).as_secs_f64(),
+            gateways: args
+                .gateway_pids
+                .iter()
+                .zip(from.gateways.iter().zip(&to.gateways))
+                .map(|(&p, (&a, &b))| (p, used(a, b)))
+                .collect(),
+            nats: args.nats_pid.map(|p| (p, used(from.nats, to.nats))),
+            workers: used(from.workers, to.workers),
+        }
+    }
+
+    /// All gateways together (`None` without --gateway-pid, or when one was unreadable).
+    pub fn gateway_total(&self) -> Option<f64> {
+        if self.gateways.is_empty() {
+            return None;
+        }
+        self.gateways.iter().map(|(_, c)| *c).sum()
+    }
+
+    /// `things` per gateway CPU second, and the CPU of every process, as JSON.
+    fn to_json(&self, things: u64, per: &str) -> Value {
+        let cores = |c: Option<f64>| c.map(|c| c / self.wall_s.max(1e-9));
+        let gw = self.gateway_total();
+        json!({
+            "wall_seconds": self.wall_s,
+            "gateway_cpu_seconds": gw,
+            "gateway_cores_busy": cores(gw),
+            format!("{per}_per_gateway_cpu_second"): super::peer::per_cpu_second(things, gw),
+            "gateways": self.gateways.iter().map(|(p, c)| json!({"pid": p, "cpu_seconds": c})).collect::<Vec<_>>(),
+            "nats_server_cpu_seconds": self.nats.and_then(|(_, c)| c),
+            "nats_server_cores_busy": cores(self.nats.and_then(|(_, c)| c)),
+            "loadgen_workers_cpu_seconds": self.workers,
+            "loadgen_workers_cores_busy": cores(self.workers),
+        })
+    }
+
+    /// `gateway 1.23 CPU-s (0.95 cores) · nats-server … · loadgen workers …`.
+    fn line(&self) -> String {
+        let f = |name: &str, c: Option<f64>| match c {
+            Some(c) => format!("{name} {c:.2} CPU-s ({:.2} cores)", c / self.wall_s.max(1e-9)),
+            None => format!("{name} n/a"),
+        };
+        let mut parts = vec![f("gateway", self.gateway_total())];
+        if let Some((_, c)) = self.nats {
+            parts.push(f("nats-server", c));
+        }
+        parts.push(f("loadgen workers", self.workers));
+        format!("{} over {:.2} s", parts.join(" · "), self.wall_s)
+    }
 }
 
 /// A metrics sample of every gateway.
@@ -419,6 +695,11 @@ pub struct Held<T> {
     /// `--settle` after the ramp and every 5 s until the hold ends (at least one): each sample
     /// with the number of connections open when it was taken.
     pub samples: Vec<(T, u64)>,
+    /// CPU of the processes under test from the start of the workers until every worker ramped.
+    pub ramp_cpu: CpuWindow,
+    /// The delivery probe, all workers' merged (`None`: --no-probe, or nothing held).
+    pub probe: Option<probe::Report>,
+    pub probe_cpu: Option<CpuWindow>,
 }
 
 impl<T> Held<T> {
@@ -456,14 +737,20 @@ where
         bail!("--per-worker must be between 1 and 19000 (a process may hold at most ~20,000 fds)");
     }
     let workers = args.workers.unwrap_or(0).max(args.connections.div_ceil(args.per_worker)).min(args.connections);
+    args.probe.check()?;
     // Validate the URLs here (workers would each fail the same way).
     client::resolve_all(&args.gw.urls, args.gw.ca_file.as_deref()).await?;
+    for &pid in args.gateway_pids.iter().chain(&args.nats_pid) {
+        procfs::cpu_seconds(Some(pid)).with_context(|| format!("--gateway-pid/--nats-pid {pid}"))?;
+    }
     let t_start = Instant::now();
+    let ramp_mark = cpu_mark(args, &[]);
 
     // Start the workers.
     let exe = std::env::current_exe().context("locating the loadgen binary")?;
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Event)>();
     let mut handles = Vec::new();
+    let mut worker_pids = Vec::new();
     let base = args.connections / workers;
     let extra = args.connections % workers;
     let mut first = 0;
@@ -506,6 +793,7 @@ where
             .context("starting a connect worker")?;
         let stdout = child.stdout.take().expect("piped");
         let stdin = child.stdin.take();
+        worker_pids.extend(child.id());
         let tx = ev_tx.clone();
         let idx = w as usize;
         tokio::spawn(async move {
@@ -520,7 +808,7 @@ where
             }
             let _ = tx.send((idx, Event::Fatal { error: "worker output ended".into() }));
         });
-        handles.push(WorkerHandle { child, stdin });
+        handles.push(WorkerHandle { child, stdin, count });
     }
     drop(ev_tx);
 
@@ -531,8 +819,12 @@ where
         Progress::start(move |el| {
             let s = states.lock().unwrap();
             let sum = |f: fn(&WorkerState) -> u64| s.iter().map(f).sum::<u64>();
+            let probes = match sum(|w| w.probes_sent) {
+                0 => String::new(),
+                sent => format!(" probes sent {sent} delivered {}", sum(|w| w.probes_delivered)),
+            };
             format!(
-                "connect t={:>5.1}s attempted {}/{} open {} failed {} dropped {} workers ramped {}/{}",
+                "connect t={:>5.1}s attempted {}/{} open {} failed {} dropped {} workers ramped {}/{}{probes}",
                 el.as_secs_f64(),
                 sum(|w| w.attempted),
                 n,
@@ -545,14 +837,19 @@ where
         })
     };
 
-    let mut results: Vec<Option<WorkerResult>> = (0..workers).map(|_| None).collect();
+    let mut got = Got { results: (0..workers).map(|_| None).collect(), probes: (0..workers).map(|_| None).collect() };
     let mut fatal: Vec<String> = Vec::new();
-    let mut on_event = |w: usize, ev: Event, results: &mut Vec<Option<WorkerResult>>| {
+    let mut on_event = |w: usize, ev: Event, got: &mut Got| {
         let mut s = states.lock().unwrap();
         match ev {
-            Event::Progress { attempted, open, failed, dropped } => {
+            Event::Progress { attempted, open, failed, dropped, probes_sent, probes_delivered } => {
                 let st = &mut s[w];
                 (st.attempted, st.open, st.failed, st.dropped) = (attempted, open, failed, dropped);
+                (st.probes_sent, st.probes_delivered) = (probes_sent, probes_delivered);
+            }
+            Event::Probed(r) => {
+                s[w].probed = true;
+                got.probes[w] = Some(*r);
             }
             Event::Ramped { open, failed } => {
                 s[w].ramped = true;
@@ -562,7 +859,7 @@ where
             Event::Result(r) => {
                 s[w].done = true;
                 s[w].ramped = true;
-                results[w] = Some(*r);
+                got.results[w] = Some(*r);
             }
             Event::Fatal { error } => {
                 if !s[w].done {
@@ -577,14 +874,16 @@ where
     // Ramp.
     while !states.lock().unwrap().iter().all(|w| w.ramped) {
         match ev_rx.recv().await {
-            Some((w, ev)) => on_event(w, ev, &mut results),
+            Some((w, ev)) => on_event(w, ev, &mut got),
             None => break,
         }
     }
     let ramp_s = t_start.elapsed().as_secs_f64();
+    let ramp_cpu = CpuWindow::between(args, &ramp_mark, &cpu_mark(args, &worker_pids));
     let open_after_ramp: u64 = states.lock().unwrap().iter().map(|w| w.open).sum();
     report::note(format!(
-        "ramp done in {ramp_s:.1}s: {open_after_ramp} open; settling {} then holding",
+        "ramp done in {ramp_s:.1}s: {open_after_ramp} open ({}); settling {} then holding",
+        ramp_cpu.line(),
         fmt_duration(args.settle)
     ));
 
@@ -608,7 +907,7 @@ where
         let wait = next_sample.min(hold_end) - now;
         tokio::select! {
             ev = ev_rx.recv(), if !workers_gone => match ev {
-                Some((w, ev)) => on_event(w, ev, &mut results),
+                Some((w, ev)) => on_event(w, ev, &mut got),
                 None => workers_gone = true,
             },
             _ = tokio::time::sleep(wait) => {}
@@ -617,6 +916,41 @@ where
     if samples.is_empty() {
         let open = states.lock().unwrap().iter().map(|w| w.open).sum::<u64>();
         samples.push((sample().await, open));
+    }
+
+    // The delivery probe: every held connection sends one message and must receive one.
+    let mut probe_cpu = None;
+    let open_now: u64 = states.lock().unwrap().iter().map(|w| w.open).sum();
+    if !args.probe.no_probe && open_now > 0 {
+        report::note(format!(
+            "probe: each of the {open_now} held connections sends one message to the next of its worker, {}/s in all",
+            fmt_rate(args.probe.probe_rate)
+        ));
+        let mark = cpu_mark(args, &worker_pids);
+        for h in &mut handles {
+            let cmd = probe::Command {
+                rate: args.probe.probe_rate * h.count as f64 / args.connections as f64,
+                timeout_ms: args.probe.probe_timeout.as_millis() as u64,
+            };
+            if let Some(stdin) = h.stdin.as_mut() {
+                let line = format!("probe {}\n", serde_json::to_string(&cmd)?);
+                let _ = stdin.write_all(line.as_bytes()).await;
+                let _ = stdin.flush().await;
+            }
+        }
+        // The slowest worker paces its share in about open/rate seconds, then waits at most
+        // --probe-timeout; beyond that (and a margin for judging), a worker is not answering.
+        let limit = Duration::from_secs_f64(open_now as f64 / args.probe.probe_rate)
+            + args.probe.probe_timeout
+            + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + limit;
+        while !states.lock().unwrap().iter().all(|w| w.probed || w.done) {
+            match tokio::time::timeout_at(deadline, ev_rx.recv()).await {
+                Ok(Some((w, ev))) => on_event(w, ev, &mut got),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        probe_cpu = Some(CpuWindow::between(args, &mark, &cpu_mark(args, &worker_pids)));
     }
 
     // Release and collect.
@@ -630,7 +964,7 @@ where
     let collect_deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !states.lock().unwrap().iter().all(|w| w.done) {
         match tokio::time::timeout_at(collect_deadline, ev_rx.recv()).await {
-            Ok(Some((w, ev))) => on_event(w, ev, &mut results),
+            Ok(Some((w, ev))) => on_event(w, ev, &mut got),
             Ok(None) | Err(_) => break,
         }
     }
@@ -647,7 +981,22 @@ where
     let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
     let (mut attempted, mut opened, mut pings, mut pongs, mut open_at_release) = (0, 0, 0, 0, 0);
     let mut per_worker = Vec::new();
-    for (w, r) in results.iter().enumerate() {
+    let mut probe: Option<probe::Report> = None;
+    if probe_cpu.is_some() {
+        for (w, p) in got.probes.iter().enumerate() {
+            match p {
+                Some(p) => match probe.as_mut() {
+                    Some(m) => m.merge(p)?,
+                    None => probe = Some(p.clone()),
+                },
+                None if got.results[w].as_ref().is_some_and(|r| r.opened > 0) => {
+                    fatal.push(format!("worker {w}: no probe result"))
+                }
+                None => {}
+            }
+        }
+    }
+    for (w, r) in got.results.iter().enumerate() {
         let Some(r) = r else {
             per_worker.push(json!({"worker": w, "error": "no result"}));
             continue;
@@ -694,6 +1043,9 @@ where
         h_hello,
         h_synced,
         samples,
+        ramp_cpu,
+        probe,
+        probe_cpu,
     })
 }
 
@@ -738,6 +1090,9 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         h_hello,
         h_synced,
         samples: _,
+        ramp_cpu,
+        probe,
+        probe_cpu,
     } = held;
     let failed: u64 = failures.values().sum();
     let dropped_total: u64 = dropped.values().sum();
@@ -760,11 +1115,38 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         .filter_map(|s| total(s, scrape::RSS))
         .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
 
-    let ok = failed == 0 && dropped_total == 0 && fatal.is_empty() && opened == args.connections;
-    let verdict = if ok {
-        "PASS: every connection opened and held".to_owned()
+    let probe_violations = probe.as_ref().map_or(0, |p| p.violations());
+    let probe_clean = probe.as_ref().is_none_or(|p| p.violations() == 0 && p.unconfirmed() == 0 && p.not_sent() == 0);
+    let ok = failed == 0 && dropped_total == 0 && fatal.is_empty() && opened == args.connections && probe_clean;
+    let verdict = if probe_violations > 0 {
+        format!("FAIL: delivery probe: {}", probe.as_ref().map(|p| p.verdict()).unwrap_or_default())
+    } else if ok {
+        match &probe {
+            Some(_) => "PASS: every connection opened, held, and received its probe exactly once".to_owned(),
+            None => "PASS: every connection opened and held".to_owned(),
+        }
     } else {
-        format!("ERRORS: {failed} failed to open, {dropped_total} dropped while held, {} worker errors", fatal.len())
+        format!(
+            "ERRORS: {failed} failed to open, {dropped_total} dropped while held, {} worker errors{}",
+            fatal.len(),
+            probe.as_ref().map(|p| format!("; probe {}", p.verdict())).unwrap_or_default()
+        )
+    };
+    let achieved_rate = opened as f64 / ramp_s.max(1e-9);
+    let per_gw_cpu = super::peer::per_cpu_second(opened, ramp_cpu.gateway_total());
+    let probe_json = match &probe {
+        Some(p) => {
+            let mut v = p.to_json()?;
+            if let Some(c) = &probe_cpu {
+                v["cpu"] = c.to_json(p.check.delivered_once, "deliveries");
+            }
+            v
+        }
+        None => Value::Null,
+    };
+    let (h_probe_sent, h_probe_deliver) = match &probe {
+        Some(p) => (p.sent_hist()?, p.deliver_hist()?),
+        None => (hist::new(), hist::new()),
     };
     let mib = |b: f64| b / (1u64 << 20) as f64;
     let config = json!({
@@ -782,6 +1164,11 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         "source_ips": args.gw.source_ips,
         "user_prefix": prefix,
         "threads_per_worker": args.run.threads(),
+        "probe": !args.probe.no_probe,
+        "probe_rate": args.probe.probe_rate,
+        "probe_timeout_s": args.probe.probe_timeout.as_secs_f64(),
+        "gateway_pids": args.gateway_pids,
+        "nats_pid": args.nats_pid,
     });
     let results_json = json!({
         "verdict": verdict,
@@ -794,7 +1181,15 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         "open_at_memory_sample": open_at_after,
         "open_at_release": open_at_release,
         "ramp_seconds": ramp_s,
-        "achieved_rate_per_s": opened as f64 / ramp_s.max(1e-9),
+        "achieved_rate_per_s": achieved_rate,
+        "ramp": {
+            "target_rate_per_s": args.rate,
+            "opened": opened,
+            "seconds": ramp_s,
+            "achieved_rate_per_s": achieved_rate,
+            "cpu": ramp_cpu.to_json(opened, "connections"),
+        },
+        "probe": probe_json,
         "pings_sent": pings,
         "pongs_received": pongs,
         "handshake_latency": {
@@ -841,6 +1236,8 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
          dropped while held: {drop_s}\n\
          gateway RSS: before {} → with {open_at_after} connections {} (peak {}) → after close {}\n\
          memory per connection: {per_conn_s}\n\
+         ramp: {achieved_rate:.0} connections/s; CPU {}; {}\n\
+         {}\
          {verdict}\n",
         args.connections,
         fmt_rate(args.rate),
@@ -852,6 +1249,11 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         fmt_bytes(rss_after),
         fmt_bytes(peak_rss),
         fmt_bytes(total(&after_close, scrape::RSS)),
+        ramp_cpu.line(),
+        per_gw_cpu
+            .map(|v| format!("{v:.0} connections per gateway CPU second"))
+            .unwrap_or_else(|| "no --gateway-pid".into()),
+        probe_human(probe.as_ref(), &h_probe_deliver),
     );
     let mut md = format!(
         "{} authenticated connections opened at {} /s by {workers} worker process(es), held {} (pinging every {}).\n\n",
@@ -875,9 +1277,51 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     md.push_str(&hist::md_row("→ 101 upgrade", &h_up));
     md.push_str(&hist::md_row("→ hello", &h_hello));
     md.push_str(&hist::md_row("→ synced", &h_synced));
+    md.push_str(&format!(
+        "\nRamp: {opened} connections in {ramp_s:.2} s = **{achieved_rate:.0} /s** (target {} /s). CPU used during the ramp: {}.",
+        fmt_rate(args.rate),
+        ramp_cpu.line()
+    ));
+    match per_gw_cpu {
+        Some(v) => md.push_str(&format!(" **{v:.0} connections per gateway CPU second.**\n")),
+        None => md.push_str(" (Give --gateway-pid for connections per gateway CPU second.)\n"),
+    }
+    if let Some(p) = &probe {
+        let c = &p.check;
+        md.push_str(&format!(
+            "\nDelivery probe (every held connection sends one message to the next held connection of its \
+             worker, {} /s in all, then must receive exactly one):\n\n",
+            fmt_rate(args.probe.probe_rate)
+        ));
+        md.push_str("| probe | value |\n|---|---|\n");
+        md.push_str(&format!("| connections in the rings | {} |\n", p.ring));
+        md.push_str(&format!("| sent / acknowledged | {} / {} |\n", c.issued, c.acknowledged));
+        md.push_str(&format!("| refused / unanswered | {} / {} |\n", c.failed, c.unanswered));
+        md.push_str(&format!("| delivered exactly once | **{}** |\n", c.delivered_once));
+        md.push_str(&format!(
+            "| lost / duplicated / wrong sender / unknown id | {} / {} / {} / {} |\n",
+            c.lost,
+            c.duplicates,
+            p.wrong_sender(),
+            c.phantom
+        ));
+        md.push_str(&format!("| time from the first send to the verdict | {:.1} s |\n", p.seconds));
+        if let Some(cpu) = &probe_cpu {
+            md.push_str(&format!("| CPU during the probe | {} |\n", cpu.line()));
+        }
+        md.push_str(&format!("| verdict | {} |\n\n", p.verdict()));
+        md.push_str(hist::MD_HEADER);
+        md.push_str(&hist::md_row("probe send → sent", &h_probe_sent));
+        md.push_str(&hist::md_row("probe send → deliver", &h_probe_deliver));
+    }
+    let mut series =
+        vec![("TCP connect", &h_tcp), ("→ 101 upgrade", &h_up), ("→ hello", &h_hello), ("→ synced", &h_synced)];
+    if probe.is_some() {
+        series.push(("probe send → deliver", &h_probe_deliver));
+    }
     let plot = report::Plot {
-        title: "connect: handshake latency from the start of the TCP connect".into(),
-        series: vec![("TCP connect", &h_tcp), ("→ 101 upgrade", &h_up), ("→ hello", &h_hello), ("→ synced", &h_synced)],
+        title: "connect: handshake latency from the start of the TCP connect; probe send → deliver".into(),
+        series,
     };
     report::finish_plot(
         args.run.out.as_deref(),
@@ -889,5 +1333,29 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             report::note(f);
         }
     }
-    Ok(if ok { 0 } else { 3 })
+    Ok(if probe_violations > 0 {
+        1
+    } else if ok {
+        0
+    } else {
+        3
+    })
+}
+
+/// The probe's lines of the human summary (empty without a probe).
+fn probe_human(p: Option<&probe::Report>, h_deliver: &Hist) -> String {
+    let Some(p) = p else { return String::new() };
+    let c = &p.check;
+    format!(
+        "probe: {} sent, {} acknowledged, {} delivered, {} lost, {} duplicated, {} wrong sender ({:.1} s)\n\
+         probe send → deliver  {}\n",
+        c.issued,
+        c.acknowledged,
+        c.delivered_once,
+        c.lost,
+        c.duplicates,
+        p.wrong_sender(),
+        p.seconds,
+        hist::line(h_deliver)
+    )
 }

@@ -293,6 +293,8 @@ async fn connect_phase(a: &Args, t: &Target, prefix: &str) -> anyhow::Result<Val
         fmt_duration(a.settle),
         "--hold".into(),
         fmt_duration(a.hold),
+        // The reference servers relay no chat messages: memory only.
+        "--no-probe".into(),
     ]);
     let cargs: connect::Args = parse_sub("connect", &argv)?;
     let procs = t.procs();
