@@ -122,6 +122,12 @@ pub struct Config {
     /// glommio io memory per executor, bytes (must fit RLIMIT_MEMLOCK across executors).
     #[arg(long, env = "GATEWAY_IO_MEMORY", default_value_t = 512 * 1024)]
     pub io_memory: usize,
+    /// io_uring submission queue entries per ring of each executor. Besides batching, this
+    /// sizes the kernel's table of armed polls (one per idle connection) that every
+    /// cancellation searches; glommio cancels a timeout each time the executor wakes, so a
+    /// small table costs CPU in proportion to the connections held (see ARCHITECTURE.md).
+    #[arg(long, env = "GATEWAY_RING_DEPTH", default_value_t = 4096)]
+    pub ring_depth: usize,
 }
 
 impl Config {

@@ -91,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("gateway-{id}"))
             .io_memory(cfg.io_memory)
+            .ring_depth(cfg.ring_depth.max(1))
             .spawn(move || async move {
                 let ctx = Rc::new(
                     executor::ExecCtx::new(id, cfg, keys, bridge, metrics, gateway_id, revocations, user_limits)
