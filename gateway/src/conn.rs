@@ -308,7 +308,8 @@ impl Session {
             }
             // What woke the loop is turned into its (boxed) step before anything is awaited, so
             // that the wake-up itself (a reply or a frame) never sits in the task's idle state.
-            let step: futures::future::LocalBoxFuture<'_, Result<(), Reason>> = match self.next_wake(&mut pending).await {
+            let step: futures::future::LocalBoxFuture<'_, Result<(), Reason>> = match self.next_wake(&mut pending).await
+            {
                 Wake::Outbox => Box::pin(self.deliver_live()),
                 Wake::Published(reply) => Box::pin(self.answer(reply)),
                 Wake::Frame(None) => return "client_closed",
@@ -332,7 +333,10 @@ impl Session {
     /// of its own: live copies or a kick first, then answers to requests, then the client's
     /// next frame (not read while `max_inflight` requests are outstanding). Silence is the
     /// executor's business (its sweep kicks the connection).
-    fn next_wake<'a>(&'a mut self, pending: &'a mut Option<Box<Pending>>) -> impl std::future::Future<Output = Wake> + 'a {
+    fn next_wake<'a>(
+        &'a mut self,
+        pending: &'a mut Option<Box<Pending>>,
+    ) -> impl std::future::Future<Output = Wake> + 'a {
         std::future::poll_fn(move |cx| {
             if self.outbox.poll_ready(cx).is_ready() {
                 return Poll::Ready(Wake::Outbox);

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fxhash::FxHashMap;
-use smallvec::SmallVec;
 use glommio::net::TcpListener;
 use glommio::{Latency, Shares, TaskQueueHandle};
 use protocol::{TokenKeys, UserId};
+use smallvec::SmallVec;
 
 use crate::bridge::{Bridge, ExecEvent};
 use crate::config::Config;

@@ -1,8 +1,11 @@
-//! Retrying a send with the same client id stores nothing new.
+//! Retrying a send with the same client id stores nothing new; a send refused while the
+//! backbone is down can be retried on the same connection.
+
+use std::time::Duration;
 
 use testkit::{Inbox, System};
 
-use crate::{chat, seq, sid};
+use crate::{chat, connect_synced, send_retrying, seq, sid};
 
 #[tokio::test]
 async fn retry_with_the_same_id_is_deduplicated() {
@@ -34,4 +37,35 @@ async fn retry_with_the_same_id_is_deduplicated() {
     inbox.record_all(&bob.sync().await.items);
     inbox.assert_no_duplicates();
     assert_eq!(inbox.chat_bodies(), ["once", "twice?"]);
+}
+
+/// A send refused with `unavailable` while NATS is down does not poison the connection: once
+/// NATS is back, the client's retry with the same id on the same WebSocket is stored, and so
+/// are its later sends, in order. (Sends of one connection are chained so that a failure fails
+/// the sends queued behind it; the chain starts afresh once nothing is in flight.)
+#[tokio::test]
+async fn a_send_refused_while_nats_is_down_is_retried_on_the_same_connection() {
+    let mut sys = System::start(1).await;
+    let within = Duration::from_secs(30);
+    let mut alice = sys.connect(0, "alice", "web").await;
+    alice.sync().await;
+    alice.timeout = within;
+    let before = alice.send_chat_ok("c-before", "bob", "before").await;
+
+    sys.nats.kill();
+    alice.send_chat("c-down", "bob", "while down").await;
+    let refused = alice.recv_until(|f| f["id"] == "c-down" && (f["t"] == "sent" || f["t"] == "error")).await;
+    assert_eq!(refused["t"], "error", "NATS is down: {refused}");
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+
+    sys.nats.respawn().await;
+    let down = send_retrying(&mut alice, "c-down", "bob", "while down", within).await;
+    let after = send_retrying(&mut alice, "c-after", "bob", "after", within).await;
+    assert!(sid(&before) < sid(&down) && sid(&down) < sid(&after), "{before} {down} {after}");
+
+    let (_bob, synced) = connect_synced(&sys.ws_url(0), &sys.token("bob", Some("phone")), within).await;
+    let mut inbox = Inbox::new();
+    inbox.record_all(&synced.items);
+    inbox.assert_no_duplicates();
+    assert_eq!(inbox.chat_bodies(), ["before", "while down", "after"]);
 }
