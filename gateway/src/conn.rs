@@ -28,9 +28,6 @@ use protocol::ClientMsgId;
 
 type Ws = WsIo<ClientStream>;
 
-/// Receipt bookkeeping per connection: how many sent-but-unacked chat items it remembers.
-const MAX_UNACKED_TRACKED: usize = 1024;
-
 /// Serves one accepted socket until it closes.
 ///
 /// Every connection's task holds its state for the connection's whole life, so the state of an
@@ -161,9 +158,9 @@ async fn accept(ctx: Rc<ExecCtx>, tcp: TcpStream) -> Option<(Session, u64)> {
         user: user.clone(),
         device,
         outbox: outbox.clone(),
-        delivery: Delivery::new(0, MAX_UNACKED_TRACKED),
+        delivery: Delivery::new(0),
         mirror: false,
-        watching: Vec::new(),
+        watching: Box::default(),
         limits: ConnLimits::new(ctx.rates, user_slot, Instant::now()),
         history_days: 0,
         send_chain: None,
@@ -230,7 +227,7 @@ struct Session {
     /// The user has other devices: keep copies of what this one sends and reads for them.
     mirror: bool,
     /// Users whose presence changes are pushed to this connection.
-    watching: Vec<UserId>,
+    watching: Box<[UserId]>,
     /// Rate limits of this connection and of its user on this gateway.
     limits: ConnLimits,
     /// Days of server-side history the user opted into (0: off).
@@ -383,7 +380,7 @@ impl Session {
         self.mirror = ctx.bridge.devices(self.user.clone()).await > 1;
         self.history_days = ctx.bridge.settings(self.user.clone(), None).await.map(|s| s.history_days).unwrap_or(0);
 
-        self.delivery = Delivery::new(cursor, MAX_UNACKED_TRACKED);
+        self.delivery = Delivery::new(cursor);
         if since > cursor {
             self.implicit_ack(since).await;
         }
@@ -735,7 +732,7 @@ impl Session {
                 for u in &users {
                     self.ctx.watch(u, &self.outbox);
                 }
-                self.watching = users;
+                self.watching = users.into_boxed_slice();
                 Ok(())
             }
         }

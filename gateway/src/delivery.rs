@@ -40,21 +40,24 @@ pub struct Acked {
     pub group_receipts: Vec<(String, u64)>,
 }
 
+/// Receipt bookkeeping per connection: how many sent-but-unacked chat items it remembers (a
+/// type parameter rather than a field: this state is part of every idle connection).
+pub const MAX_UNACKED_TRACKED: usize = 1024;
+
 #[derive(Debug)]
-pub struct Delivery {
+pub struct Delivery<const MAX_UNACKED: usize = MAX_UNACKED_TRACKED> {
     sent: u64,
     acked: u64,
     /// Chat items sent but not acknowledged: (seq, sender). Bounded; receipts are cumulative per
     /// conversation, so forgetting the oldest only delays a tick until a later message of the
     /// same sender is acknowledged.
     unacked: VecDeque<(u64, ReceiptTarget)>,
-    max_unacked: usize,
 }
 
-impl Delivery {
+impl<const MAX_UNACKED: usize> Delivery<MAX_UNACKED> {
     /// Starts after `resume_from`: the client holds every item up to it.
-    pub fn new(resume_from: u64, max_unacked: usize) -> Self {
-        Delivery { sent: resume_from, acked: resume_from, unacked: VecDeque::new(), max_unacked }
+    pub fn new(resume_from: u64) -> Self {
+        Delivery { sent: resume_from, acked: resume_from, unacked: VecDeque::new() }
     }
 
     /// Highest sequence sent to the client.
@@ -83,7 +86,7 @@ impl Delivery {
         debug_assert!(seq > self.sent, "items are sent in sequence order");
         self.sent = seq;
         if let Some(t) = target {
-            if self.unacked.len() == self.max_unacked {
+            if self.unacked.len() == MAX_UNACKED {
                 self.unacked.pop_front();
             }
             self.unacked.push_back((seq, t));
@@ -131,7 +134,7 @@ mod tests {
 
     #[test]
     fn group_items_produce_group_receipts_by_group_sid() {
-        let mut d = Delivery::new(0, 8);
+        let mut d = Delivery::<8>::new(0);
         d.mark_sent(7, Some(ReceiptTarget::Group("g".into(), 100)));
         d.mark_sent(9, Some(ReceiptTarget::Group("g".into(), 101)));
         d.mark_sent(10, direct("a"));
@@ -142,7 +145,7 @@ mod tests {
 
     #[test]
     fn live_copies_after_a_drain_are_deduplicated() {
-        let mut d = Delivery::new(0, 8);
+        let mut d = Delivery::<8>::new(0);
         d.mark_sent(3, direct("a"));
         d.mark_sent(5, direct("a"));
         assert_eq!(d.classify_live(5, 3), Live::Duplicate);
@@ -154,7 +157,7 @@ mod tests {
 
     #[test]
     fn acks_are_cumulative_clamped_and_produce_one_receipt_per_sender() {
-        let mut d = Delivery::new(10, 8);
+        let mut d = Delivery::<8>::new(10);
         d.mark_sent(11, direct("a"));
         d.mark_sent(12, direct("b"));
         d.mark_sent(13, None);
@@ -168,7 +171,7 @@ mod tests {
 
     #[test]
     fn partial_ack_keeps_the_rest() {
-        let mut d = Delivery::new(0, 8);
+        let mut d = Delivery::<8>::new(0);
         d.mark_sent(1, direct("a"));
         d.mark_sent(2, direct("a"));
         assert_eq!(d.ack(1).unwrap().receipts, vec![("a".to_owned(), 1)]);
@@ -177,7 +180,7 @@ mod tests {
 
     #[test]
     fn tracking_is_bounded() {
-        let mut d = Delivery::new(0, 2);
+        let mut d = Delivery::<2>::new(0);
         for s in 1..=5 {
             d.mark_sent(s, direct(if s == 1 { "old" } else { "new" }));
         }

@@ -73,7 +73,9 @@ struct Partial {
 /// Decodes a client's byte stream into messages. See the crate documentation.
 #[derive(Debug)]
 pub struct Decoder {
-    limits: Limits,
+    /// [`Limits`], kept in 32 bits (a decoder is part of every idle connection's state).
+    max_frame: u32,
+    max_message: u32,
     /// Bytes of an incomplete frame, kept until the rest arrives (empty, unallocated, otherwise).
     carry: Vec<u8>,
     message: Option<Box<Partial>>,
@@ -82,7 +84,14 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(limits: Limits) -> Self {
-        Decoder { limits, carry: Vec::new(), message: None, closed: false }
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Decoder {
+            max_frame: clamp(limits.max_frame),
+            max_message: clamp(limits.max_message),
+            carry: Vec::new(),
+            message: None,
+            closed: false,
+        }
     }
 
     /// Heap bytes this decoder holds (incomplete frame and message).
@@ -130,7 +139,7 @@ impl Decoder {
             };
             let head_len = cursor.position() as usize;
             // Refuse an oversized frame as soon as its header says so, before its payload.
-            if len > self.limits.max_frame as u64 {
+            if len > u64::from(self.max_frame) {
                 return Err(Violation::TOO_BIG);
             }
             let len = len as usize;
@@ -181,7 +190,7 @@ impl Decoder {
                 let Some(partial) = self.message.as_mut() else {
                     return Err(Violation::protocol("continuation frame without a message to continue"));
                 };
-                if partial.data.len() + payload.len() > self.limits.max_message {
+                if partial.data.len() + payload.len() > self.max_message as usize {
                     return Err(Violation::TOO_BIG);
                 }
                 partial.data.extend_from_slice(payload);
@@ -194,7 +203,7 @@ impl Decoder {
                 if self.message.is_some() {
                     return Err(Violation::protocol("new message before the fragmented one ended"));
                 }
-                if payload.len() > self.limits.max_message {
+                if payload.len() > self.max_message as usize {
                     return Err(Violation::TOO_BIG);
                 }
                 let text = kind == Data::Text;
