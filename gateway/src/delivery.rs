@@ -120,6 +120,11 @@ impl<const MAX_UNACKED: usize> Delivery<MAX_UNACKED> {
                 None => list.push((key, sid)),
             }
         }
+        if self.unacked.is_empty() {
+            // Release the table: a connection that once had many items in flight and is idle
+            // now should not keep their room (up to MAX_UNACKED entries of 40 bytes).
+            self.unacked = VecDeque::new();
+        }
         Some(Acked { cursor: seq, receipts, group_receipts })
     }
 }
@@ -130,6 +135,19 @@ mod tests {
 
     fn direct(s: &str) -> Option<ReceiptTarget> {
         Some(ReceiptTarget::Direct(s.to_owned()))
+    }
+
+    #[test]
+    fn acking_everything_releases_the_table() {
+        let mut d = Delivery::<64>::new(0);
+        for seq in 1..=50 {
+            d.mark_sent(seq, direct("bob"));
+        }
+        d.ack(20);
+        assert!(d.unacked.capacity() >= 30, "items still unacked keep the table");
+        let acked = d.ack(50).expect("new ack");
+        assert_eq!(acked.receipts, vec![("bob".to_owned(), 50)]);
+        assert_eq!(d.unacked.capacity(), 0, "an idle connection holds no table");
     }
 
     #[test]
