@@ -160,6 +160,7 @@ async fn accept(ctx: Rc<ExecCtx>, tcp: TcpStream) -> Option<(Session, u64)> {
         outbox: outbox.clone(),
         delivery: Delivery::new(0),
         mirror: false,
+        acked: false,
         watching: Box::default(),
         limits: ConnLimits::new(ctx.rates, user_slot, Instant::now()),
         history_days: 0,
@@ -226,6 +227,8 @@ struct Session {
     delivery: Delivery,
     /// The user has other devices: keep copies of what this one sends and reads for them.
     mirror: bool,
+    /// The client acknowledged something on this connection: its cursor is written at close.
+    acked: bool,
     /// Users whose presence changes are pushed to this connection.
     watching: Box<[UserId]>,
     /// Rate limits of this connection and of its user on this gateway.
@@ -268,7 +271,12 @@ impl Session {
         }
         ctx.unregister(&self.user, &self.outbox);
         ctx.bridge.unsubscribe(self.user.clone(), ctx.id);
-        ctx.bridge.cursor(self.user, self.device, self.delivery.acked(), true);
+        // Written now (not debounced) so the next connection of the device resumes from it; a
+        // connection that acknowledged nothing leaves the stored cursor as it found it (a mass
+        // disconnect of idle clients writes nothing).
+        if self.acked {
+            ctx.bridge.cursor(self.user, self.device, self.delivery.acked(), true);
+        }
         ctx.metrics.connections_open.dec();
         ctx.metrics.closed(reason);
     }
@@ -756,6 +764,7 @@ impl Session {
     /// Applies a cumulative ack: the device cursor, and delivery receipts for the senders.
     fn record_ack(&mut self, seq: u64) {
         if let Some(acked) = self.delivery.ack(seq) {
+            self.acked = true;
             let b = &self.ctx.bridge;
             b.cursor(self.user.clone(), self.device.clone(), acked.cursor, false);
             for (sender, up_to) in acked.receipts {

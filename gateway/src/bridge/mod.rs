@@ -472,6 +472,7 @@ async fn run(
     let mut interests: FxHashMap<UserId, Interest> = FxHashMap::default();
     let mut lagging = Lagging::new(exec_tx.len());
     let mut cursors: FxHashMap<(UserId, DeviceId), u64> = FxHashMap::default();
+    let mut cursor_writer = CursorWriter::new(kv.clone(), metrics.clone());
     let mut receipts: FxHashMap<ReceiptKey, u64> = FxHashMap::default();
     let mut groups: FxHashMap<String, CachedGroup> = FxHashMap::default();
     let mut group_waits: FxHashMap<String, Vec<GroupWait>> = FxHashMap::default();
@@ -616,7 +617,7 @@ async fn run(
                         let seq = cursors.get(&key).copied().unwrap_or(0).max(seq);
                         if now {
                             cursors.remove(&key);
-                            spawn_cursor_put(&kv, &metrics, key, seq);
+                            cursor_writer.put(key, seq);
                         } else {
                             cursors.insert(key, seq);
                         }
@@ -723,9 +724,10 @@ async fn run(
             },
             _ = cursor_tick.tick(), if !cursors.is_empty() => {
                 for (key, seq) in cursors.drain() {
-                    spawn_cursor_put(&kv, &metrics, key, seq);
+                    cursor_writer.put(key, seq);
                 }
             }
+            _ = cursor_writer.progress(), if cursor_writer.pending() > 0 => {}
             _ = receipt_tick.tick(), if !receipts.is_empty() => {
                 for (key, up_to) in receipts.drain() {
                     spawn_receipt(&js, &metrics, &int_tx, key, up_to);
