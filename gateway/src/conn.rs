@@ -165,6 +165,7 @@ async fn accept(ctx: Rc<ExecCtx>, tcp: TcpStream) -> Option<(Session, u64)> {
         limits: ConnLimits::new(ctx.rates, user_slot, Instant::now()),
         history_days: 0,
         send_chain: None,
+        retry_first: None,
     };
     Some((session, upgrade.since.unwrap_or(0)))
 }
@@ -197,6 +198,8 @@ async fn respond(stream: &mut ClientStream, status: u16, reason: &str, body: &st
 enum Reply {
     /// A send (1:1 or group): `sent`, or an error.
     Sent(String, Result<Stored, PublishFailure>),
+    /// A send refused unsent because an earlier one (the second id) awaits its retry.
+    Refused(String, String),
     /// A membership operation.
     Group(String, Result<GroupReply, PublishFailure>),
     /// A "who read this" query.
@@ -238,6 +241,10 @@ struct Session {
     /// Completion of this connection's last send (true when stored), for [`Session::send_in_order`];
     /// cleared whenever nothing is in flight.
     send_chain: Option<futures::channel::oneshot::Receiver<bool>>,
+    /// The first send that failed for want of the backbone (`unavailable`, `internal`): later
+    /// sends are refused until the client sends this id again, so that nothing it sent after it
+    /// is stored before it (boxed: an 8-byte field while unset).
+    retry_first: Option<Box<ClientMsgId>>,
 }
 
 /// Bytes of a session's own state (part of the connection task's state).
@@ -782,10 +789,30 @@ impl Session {
     /// client retries them, in order, with the same ids). Without this barrier, a publish lost
     /// in a NATS reconnect could be retried after later ones that async-nats buffered and
     /// delivered — a reordering.
+    ///
+    /// A send that failed (`unavailable`, `internal`) blocks the ones after it until the client
+    /// sends it again ([`Session::retry_first`]): without that, a send the client pipelined
+    /// before it learned of the failure would be stored before the retry (the fault suite's
+    /// retrying clients saw exactly that).
     fn send_in_order<F>(&mut self, pending: &mut Pending, id: ClientMsgId, issue: F)
     where
         F: FnOnce() -> futures::channel::oneshot::Receiver<Result<Stored, PublishFailure>> + 'static,
     {
+        if let Some(first) = &self.retry_first {
+            if **first != id {
+                let msg = Reply::Refused(id.to_string(), first.to_string());
+                self.wait(pending, async move { msg });
+                return;
+            }
+            self.retry_first = None;
+            // The refused send and those queued behind it have failed by now: this retry starts
+            // a new chain rather than inherit their failure.
+            if let Some(mut previous) = self.send_chain.take() {
+                if !matches!(previous.try_recv(), Ok(Some(false))) {
+                    self.send_chain = Some(previous);
+                }
+            }
+        }
         let (done, done_rx) = futures::channel::oneshot::channel::<bool>();
         let previous = self.send_chain.replace(done_rx);
         self.wait(pending, async move {
@@ -853,9 +880,17 @@ impl Session {
             Reply::Presence(id, users) => {
                 self.send(ServerFrame::Presence { id: Some(&id), users: &users }.to_json()).await
             }
-            Reply::Sent(id, Err(e)) | Reply::Group(id, Err(e)) | Reply::WhoRead(id, _, _, Err(e)) => {
+            Reply::Sent(id, Err(e)) => {
+                if matches!(e, PublishFailure::Unavailable | PublishFailure::Internal) && self.retry_first.is_none() {
+                    self.retry_first = ClientMsgId::parse(&id).ok().map(Box::new);
+                }
                 self.fail_reply(&id, e).await
             }
+            Reply::Refused(id, first) => {
+                let msg = format!("not sent: retry {first} first (a send before this one was refused)");
+                self.error(ErrorCode::Unavailable, &msg, Some(&id)).await
+            }
+            Reply::Group(id, Err(e)) | Reply::WhoRead(id, _, _, Err(e)) => self.fail_reply(&id, e).await,
         }
     }
 

@@ -39,10 +39,10 @@ async fn retry_with_the_same_id_is_deduplicated() {
     assert_eq!(inbox.chat_bodies(), ["once", "twice?"]);
 }
 
-/// A send refused with `unavailable` while NATS is down does not poison the connection: once
-/// NATS is back, the client's retry with the same id on the same WebSocket is stored, and so
-/// are its later sends, in order. (Sends of one connection are chained so that a failure fails
-/// the sends queued behind it; the chain starts afresh once nothing is in flight.)
+/// A send refused with `unavailable` while NATS is down does not poison the connection, and
+/// nothing sent after it is stored before it: the connection refuses later sends until the
+/// client sends the refused one again; once NATS is back, the retry is stored, then the rest,
+/// in the order the client first sent them.
 #[tokio::test]
 async fn a_send_refused_while_nats_is_down_is_retried_on_the_same_connection() {
     let mut sys = System::start(1).await;
@@ -57,15 +57,20 @@ async fn a_send_refused_while_nats_is_down_is_retried_on_the_same_connection() {
     let refused = alice.recv_until(|f| f["id"] == "c-down" && (f["t"] == "sent" || f["t"] == "error")).await;
     assert_eq!(refused["t"], "error", "NATS is down: {refused}");
     assert_eq!(refused["code"], "unavailable", "{refused}");
+    // A later send is refused at once, naming the one to retry first.
+    alice.send_chat("c-next", "bob", "next").await;
+    let blocked = alice.recv_until(|f| f["id"] == "c-next").await;
+    assert_eq!(blocked["code"], "unavailable", "{blocked}");
+    assert!(blocked["msg"].as_str().is_some_and(|m| m.contains("retry c-down first")), "{blocked}");
 
     sys.nats.respawn().await;
     let down = send_retrying(&mut alice, "c-down", "bob", "while down", within).await;
-    let after = send_retrying(&mut alice, "c-after", "bob", "after", within).await;
-    assert!(sid(&before) < sid(&down) && sid(&down) < sid(&after), "{before} {down} {after}");
+    let next = send_retrying(&mut alice, "c-next", "bob", "next", within).await;
+    assert!(sid(&before) < sid(&down) && sid(&down) < sid(&next), "{before} {down} {next}");
 
     let (_bob, synced) = connect_synced(&sys.ws_url(0), &sys.token("bob", Some("phone")), within).await;
     let mut inbox = Inbox::new();
     inbox.record_all(&synced.items);
     inbox.assert_no_duplicates();
-    assert_eq!(inbox.chat_bodies(), ["before", "while down", "after"]);
+    assert_eq!(inbox.chat_bodies(), ["before", "while down", "next"]);
 }
