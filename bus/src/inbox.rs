@@ -2,6 +2,9 @@
 //! ending with an end-of-batch status. Used to drain a user's inbox (`next_by_subj` + `batch`)
 //! and to read the last value of many KV keys at once (`multi_last`).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -26,7 +29,12 @@ pub struct Direct {
     pub deleted: bool,
 }
 
-/// Sends a batched direct get to `stream` and collects the replies (at most `max`).
+/// How long a batched direct get waits for each of its replies.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends a batched direct get to `stream` and collects the replies (at most `max`), on a reply
+/// subscription of its own (a SUB and an UNSUB per call). For repeated reads use [`DirectGets`],
+/// which shares one reply subscription among all its requests.
 pub async fn direct_batch(
     client: &async_nats::Client,
     stream: &str,
@@ -35,36 +43,163 @@ pub async fn direct_batch(
 ) -> anyhow::Result<Vec<Direct>> {
     let reply = client.new_inbox();
     let mut sub = client.subscribe(reply.clone()).await.context("subscribing for a direct get batch")?;
-    client
-        .publish_with_reply(format!("$JS.API.DIRECT.GET.{stream}"), reply, serde_json::to_vec(&request)?.into())
-        .await?;
+    client.publish_with_reply(direct_subject(stream), reply, serde_json::to_vec(&request)?.into()).await?;
+    let out = collect(&mut sub, max).await;
+    let _ = sub.unsubscribe().await;
+    out
+}
+
+fn direct_subject(stream: &str) -> String {
+    format!("$JS.API.DIRECT.GET.{stream}")
+}
+
+/// Reads the replies of one batch from `replies` until its end-of-batch status or `max` items.
+async fn collect<S>(replies: &mut S, max: usize) -> anyhow::Result<Vec<Direct>>
+where
+    S: futures::Stream<Item = async_nats::Message> + Unpin,
+{
     let mut out = Vec::new();
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), sub.next())
+    while out.len() < max {
+        let msg = tokio::time::timeout(REPLY_TIMEOUT, replies.next())
             .await
             .map_err(|_| anyhow!("direct get batch timed out"))?
             .ok_or_else(|| anyhow!("direct get subscription closed"))?;
-        if let Some(status) = msg.status {
-            match status.as_u16() {
-                // End of batch, or nothing (more) to return.
-                204 | 404 => break,
-                code => bail!("direct get failed: {code} {:?}", msg.description),
-            }
-        }
-        let headers = msg.headers.as_ref();
-        let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
-        let seq = header("Nats-Sequence")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow!("direct get reply without Nats-Sequence"))?;
-        let subject = header("Nats-Subject").unwrap_or_default();
-        let deleted = matches!(header("KV-Operation").as_deref(), Some("DEL") | Some("PURGE"));
-        out.push(Direct { subject, seq, payload: msg.payload, deleted });
-        if out.len() >= max {
-            break;
+        match parse_reply(msg)? {
+            Some(d) => out.push(d),
+            None => break,
         }
     }
-    let _ = sub.unsubscribe().await;
     Ok(out)
+}
+
+/// One reply of a batched direct get: a stored message, or `None` at the end of the batch (or
+/// when there is nothing (more) to return).
+fn parse_reply(msg: async_nats::Message) -> anyhow::Result<Option<Direct>> {
+    if let Some(status) = msg.status {
+        return match status.as_u16() {
+            204 | 404 => Ok(None),
+            code => bail!("direct get failed: {code} {:?}", msg.description),
+        };
+    }
+    let headers = msg.headers.as_ref();
+    let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+    let seq = header("Nats-Sequence")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("direct get reply without Nats-Sequence"))?;
+    let subject = header("Nats-Subject").unwrap_or_default().to_owned();
+    let deleted = matches!(header("KV-Operation"), Some("DEL") | Some("PURGE"));
+    Ok(Some(Direct { subject, seq, payload: msg.payload, deleted }))
+}
+
+/// Batched direct gets over one long-lived reply subscription (`<inbox>.*`, one token per
+/// request), so that a read costs the server one request and its replies, not also a SUB and an
+/// UNSUB, and the client no subscription of its own. Replies are routed by their last token to
+/// the request waiting for them; a reply nobody waits for any more (timed out, or past `max`)
+/// is dropped. Cheap to clone. Must be created inside a tokio runtime (it spawns the router).
+#[derive(Clone)]
+pub struct DirectGets {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    client: async_nats::Client,
+    /// The reply subject prefix: request `n` gets its replies on `<prefix>.<n>`.
+    prefix: String,
+    next: AtomicU64,
+    waiting: Arc<Mutex<Waiting>>,
+    router: tokio::task::AbortHandle,
+}
+
+type Waiting = HashMap<u64, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>;
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Dropping the router's subscriber unsubscribes.
+        self.router.abort();
+    }
+}
+
+impl DirectGets {
+    pub async fn new(client: &async_nats::Client) -> anyhow::Result<DirectGets> {
+        let prefix = client.new_inbox();
+        let mut sub = client.subscribe(format!("{prefix}.*")).await.context("subscribing for direct get replies")?;
+        let waiting: Arc<Mutex<Waiting>> = Arc::default();
+        let routes = waiting.clone();
+        let router = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(id) = request_id(&msg.subject) else { continue };
+                let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(tx) = routes.get(&id) {
+                    let _ = tx.send(msg);
+                }
+            }
+            // The client is closed: every waiting request ends ("subscription closed").
+            routes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        })
+        .abort_handle();
+        Ok(DirectGets {
+            inner: Arc::new(Shared { client: client.clone(), prefix, next: AtomicU64::new(0), waiting, router }),
+        })
+    }
+
+    /// Like [`direct_batch`], on the shared reply subscription.
+    pub async fn batch(&self, stream: &str, request: serde_json::Value, max: usize) -> anyhow::Result<Vec<Direct>> {
+        let s = &*self.inner;
+        let id = s.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _entry = Registered::new(&s.waiting, id, tx);
+        let reply = format!("{}.{id}", s.prefix);
+        s.client.publish_with_reply(direct_subject(stream), reply, serde_json::to_vec(&request)?.into()).await?;
+        let mut replies = futures::stream::poll_fn(|cx| rx.poll_recv(cx));
+        collect(&mut replies, max).await
+    }
+
+    /// Like [`fetch_after`], on the shared reply subscription.
+    pub async fn fetch_after(
+        &self,
+        user: &protocol::UserId,
+        after: u64,
+        max: usize,
+    ) -> anyhow::Result<Vec<StoredItem>> {
+        let items = self.batch(subjects::INBOX_STREAM, fetch_request(user, after, max), max).await?;
+        Ok(into_stored(items))
+    }
+
+    /// Like [`kv_last_values`], on the shared reply subscription.
+    pub async fn kv_last_values(
+        &self,
+        bucket: &str,
+        key_filter: &str,
+        max: usize,
+    ) -> anyhow::Result<Vec<(String, Bytes)>> {
+        let (stream, req) = kv_last_request(bucket, key_filter, max);
+        Ok(kv_values(bucket, self.batch(&stream, req, max).await?))
+    }
+}
+
+/// The request number of a reply subject `<prefix>.<n>`.
+fn request_id(subject: &str) -> Option<u64> {
+    subject.rsplit('.').next()?.parse().ok()
+}
+
+/// A request's entry in the routing table, removed however the request ends (answered, timed
+/// out, failed or dropped).
+struct Registered<'a> {
+    waiting: &'a Mutex<Waiting>,
+    id: u64,
+}
+
+impl<'a> Registered<'a> {
+    fn new(waiting: &'a Mutex<Waiting>, id: u64, tx: tokio::sync::mpsc::UnboundedSender<async_nats::Message>) -> Self {
+        waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        Registered { waiting, id }
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
 }
 
 /// Returns up to `max` messages of `inbox.<user>` with a sequence greater than `after`, oldest
@@ -75,9 +210,15 @@ pub async fn fetch_after(
     after: u64,
     max: usize,
 ) -> anyhow::Result<Vec<StoredItem>> {
-    let req = serde_json::json!({ "seq": after + 1, "next_by_subj": subjects::inbox(user), "batch": max });
-    let items = direct_batch(client, subjects::INBOX_STREAM, req, max).await?;
-    Ok(items.into_iter().map(|d| StoredItem { seq: d.seq, payload: d.payload }).collect())
+    Ok(into_stored(direct_batch(client, subjects::INBOX_STREAM, fetch_request(user, after, max), max).await?))
+}
+
+fn fetch_request(user: &protocol::UserId, after: u64, max: usize) -> serde_json::Value {
+    serde_json::json!({ "seq": after + 1, "next_by_subj": subjects::inbox(user), "batch": max })
+}
+
+fn into_stored(items: Vec<Direct>) -> Vec<StoredItem> {
+    items.into_iter().map(|d| StoredItem { seq: d.seq, payload: d.payload }).collect()
 }
 
 /// The current values of the KV keys of `bucket` matching `key_filter` (wildcards allowed),
@@ -88,12 +229,21 @@ pub async fn kv_last_values(
     key_filter: &str,
     max: usize,
 ) -> anyhow::Result<Vec<(String, Bytes)>> {
+    let (stream, req) = kv_last_request(bucket, key_filter, max);
+    Ok(kv_values(bucket, direct_batch(client, &stream, req, max).await?))
+}
+
+/// The stream and the request of a `multi_last` read of `bucket`'s keys matching `key_filter`.
+fn kv_last_request(bucket: &str, key_filter: &str, max: usize) -> (String, serde_json::Value) {
+    (format!("KV_{bucket}"), serde_json::json!({ "multi_last": [format!("$KV.{bucket}.{key_filter}")], "batch": max }))
+}
+
+/// (key, value) of the live entries among `items` read from `bucket`.
+fn kv_values(bucket: &str, items: Vec<Direct>) -> Vec<(String, Bytes)> {
     let prefix = format!("$KV.{bucket}.");
-    let req = serde_json::json!({ "multi_last": [format!("{prefix}{key_filter}")], "batch": max });
-    let items = direct_batch(client, &format!("KV_{bucket}"), req, max).await?;
-    Ok(items
+    items
         .into_iter()
         .filter(|d| !d.deleted)
         .filter_map(|d| Some((d.subject.strip_prefix(&prefix)?.to_owned(), d.payload)))
-        .collect())
+        .collect()
 }
