@@ -54,22 +54,52 @@ fn direct_subject(stream: &str) -> String {
 }
 
 /// Reads the replies of one batch from `replies` until its end-of-batch status or `max` items.
+/// A reply lost on the way (a slow consumer drops messages) is an error, never a silent gap.
 async fn collect<S>(replies: &mut S, max: usize) -> anyhow::Result<Vec<Direct>>
 where
     S: futures::Stream<Item = async_nats::Message> + Unpin,
 {
     let mut out = Vec::new();
+    let mut chain = Chain::default();
     while out.len() < max {
         let msg = tokio::time::timeout(REPLY_TIMEOUT, replies.next())
             .await
             .map_err(|_| anyhow!("direct get batch timed out"))?
             .ok_or_else(|| anyhow!("direct get subscription closed"))?;
-        match parse_reply(msg)? {
+        let previous =
+            msg.headers.as_ref().and_then(|h| h.get("Nats-Last-Sequence")).and_then(|v| v.as_str().parse().ok());
+        let reply = parse_reply(msg)?;
+        chain.follow(previous, reply.as_ref().map(|d| d.seq))?;
+        match reply {
             Some(d) => out.push(d),
             None => break,
         }
     }
     Ok(out)
+}
+
+/// The links of a batch: each reply (the end-of-batch status included) names in
+/// `Nats-Last-Sequence` the sequence of the message sent before it in the batch (0 for the
+/// first), so a reply missing in between shows as a broken link.
+#[derive(Debug, Default)]
+struct Chain {
+    last: u64,
+}
+
+impl Chain {
+    /// Checks a reply naming `previous` (when the server says) and carrying message `seq` (none
+    /// for the end-of-batch status).
+    fn follow(&mut self, previous: Option<u64>, seq: Option<u64>) -> anyhow::Result<()> {
+        if let Some(p) = previous {
+            if p != self.last {
+                bail!("direct get batch lost replies: one follows {p}, the last received was {}", self.last);
+            }
+        }
+        if let Some(seq) = seq {
+            self.last = seq;
+        }
+        Ok(())
+    }
 }
 
 /// One reply of a batched direct get: a stored message, or `None` at the end of the batch (or
@@ -246,4 +276,47 @@ fn kv_values(bucket: &str, items: Vec<Direct>) -> Vec<(String, Bytes)> {
         .filter(|d| !d.deleted)
         .filter_map(|d| Some((d.subject.strip_prefix(&prefix)?.to_owned(), d.payload)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unbroken_batch_passes() {
+        let mut c = Chain::default();
+        c.follow(Some(0), Some(3)).unwrap();
+        c.follow(Some(3), Some(7)).unwrap();
+        c.follow(Some(7), None).unwrap();
+    }
+
+    #[test]
+    fn a_lost_reply_breaks_the_chain() {
+        // The first reply lost.
+        let mut c = Chain::default();
+        assert!(c.follow(Some(3), Some(7)).is_err());
+        // One in the middle.
+        let mut c = Chain::default();
+        c.follow(Some(0), Some(3)).unwrap();
+        assert!(c.follow(Some(7), Some(9)).is_err());
+        // The last one before the end of the batch.
+        let mut c = Chain::default();
+        c.follow(Some(0), Some(3)).unwrap();
+        assert!(c.follow(Some(7), None).is_err());
+    }
+
+    #[test]
+    fn replies_without_the_header_are_not_judged() {
+        let mut c = Chain::default();
+        c.follow(None, Some(3)).unwrap();
+        c.follow(None, Some(9)).unwrap();
+        c.follow(Some(9), None).unwrap();
+    }
+
+    #[test]
+    fn request_ids_are_the_last_token() {
+        assert_eq!(request_id("_INBOX.gateway.abc.17"), Some(17));
+        assert_eq!(request_id("_INBOX.gateway.abc.x"), None);
+        assert_eq!(request_id("17"), Some(17));
+    }
 }
