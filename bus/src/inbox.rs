@@ -29,7 +29,8 @@ pub struct Direct {
     pub deleted: bool,
 }
 
-/// How long a batched direct get waits for each of its replies.
+/// How long a batched direct get waits for each of its replies ([`direct_batch`]) or for the
+/// whole batch ([`DirectGets`]).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends a batched direct get to `stream` and collects the replies (at most `max`), on a reply
@@ -54,28 +55,50 @@ fn direct_subject(stream: &str) -> String {
 }
 
 /// Reads the replies of one batch from `replies` until its end-of-batch status or `max` items.
-/// A reply lost on the way (a slow consumer drops messages) is an error, never a silent gap.
 async fn collect<S>(replies: &mut S, max: usize) -> anyhow::Result<Vec<Direct>>
 where
     S: futures::Stream<Item = async_nats::Message> + Unpin,
 {
-    let mut out = Vec::new();
-    let mut chain = Chain::default();
-    while out.len() < max {
+    let mut batch = Batch::new(max);
+    while !batch.is_complete() {
         let msg = tokio::time::timeout(REPLY_TIMEOUT, replies.next())
             .await
             .map_err(|_| anyhow!("direct get batch timed out"))?
             .ok_or_else(|| anyhow!("direct get subscription closed"))?;
+        batch.feed(msg)?;
+    }
+    Ok(batch.out)
+}
+
+/// The replies of one batch as they come: complete at the end-of-batch status or at `max`
+/// items. A reply lost on the way (a slow consumer drops messages) is an error, never a gap.
+struct Batch {
+    max: usize,
+    out: Vec<Direct>,
+    chain: Chain,
+    ended: bool,
+}
+
+impl Batch {
+    fn new(max: usize) -> Batch {
+        Batch { max, out: Vec::new(), chain: Chain::default(), ended: false }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.ended || self.out.len() >= self.max
+    }
+
+    fn feed(&mut self, msg: async_nats::Message) -> anyhow::Result<()> {
         let previous =
             msg.headers.as_ref().and_then(|h| h.get("Nats-Last-Sequence")).and_then(|v| v.as_str().parse().ok());
         let reply = parse_reply(msg)?;
-        chain.follow(previous, reply.as_ref().map(|d| d.seq))?;
+        self.chain.follow(previous, reply.as_ref().map(|d| d.seq))?;
         match reply {
-            Some(d) => out.push(d),
-            None => break,
+            Some(d) => self.out.push(d),
+            None => self.ended = true,
         }
+        Ok(())
     }
-    Ok(out)
 }
 
 /// The links of a batch: each reply (the end-of-batch status included) names in
@@ -123,9 +146,10 @@ fn parse_reply(msg: async_nats::Message) -> anyhow::Result<Option<Direct>> {
 
 /// Batched direct gets over one long-lived reply subscription (`<inbox>.*`, one token per
 /// request), so that a read costs the server one request and its replies, not also a SUB and an
-/// UNSUB, and the client no subscription of its own. Replies are routed by their last token to
-/// the request waiting for them; a reply nobody waits for any more (timed out, or past `max`)
-/// is dropped. Cheap to clone. Must be created inside a tokio runtime (it spawns the router).
+/// UNSUB, and the client no subscription or channel of its own: the router task collects each
+/// request's replies, by their last token, and hands over the whole batch (one oneshot) when it
+/// is complete. A reply nobody waits for any more (timed out, or past `max`) is dropped. Cheap to
+/// clone. Must be created inside a tokio runtime (it spawns the router).
 #[derive(Clone)]
 pub struct DirectGets {
     inner: Arc<Shared>,
@@ -140,7 +164,13 @@ struct Shared {
     router: tokio::task::AbortHandle,
 }
 
-type Waiting = HashMap<u64, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>;
+type Waiting = HashMap<u64, Pending>;
+
+/// A request's batch so far, and where the result goes.
+struct Pending {
+    batch: Batch,
+    done: futures::channel::oneshot::Sender<anyhow::Result<Vec<Direct>>>,
+}
 
 impl Drop for Shared {
     fn drop(&mut self) {
@@ -158,9 +188,12 @@ impl DirectGets {
         let router = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let Some(id) = request_id(&msg.subject) else { continue };
-                let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(tx) = routes.get(&id) {
-                    let _ = tx.send(msg);
+                let mut routes = routes.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(pending) = routes.get_mut(&id) else { continue };
+                let result = pending.batch.feed(msg);
+                if result.is_err() || pending.batch.is_complete() {
+                    let Some(Pending { batch, done }) = routes.remove(&id) else { continue };
+                    let _ = done.send(result.map(|()| batch.out));
                 }
             }
             // The client is closed: every waiting request ends ("subscription closed").
@@ -174,14 +207,19 @@ impl DirectGets {
 
     /// Like [`direct_batch`], on the shared reply subscription.
     pub async fn batch(&self, stream: &str, request: serde_json::Value, max: usize) -> anyhow::Result<Vec<Direct>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         let s = &*self.inner;
         let id = s.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let _entry = Registered::new(&s.waiting, id, tx);
+        let (done, result) = futures::channel::oneshot::channel();
+        let _entry = Registered::new(&s.waiting, id, Pending { batch: Batch::new(max), done });
         let reply = format!("{}.{id}", s.prefix);
         s.client.publish_with_reply(direct_subject(stream), reply, serde_json::to_vec(&request)?.into()).await?;
-        let mut replies = futures::stream::poll_fn(|cx| rx.poll_recv(cx));
-        collect(&mut replies, max).await
+        tokio::time::timeout(REPLY_TIMEOUT, result)
+            .await
+            .map_err(|_| anyhow!("direct get batch timed out"))?
+            .map_err(|_| anyhow!("direct get subscription closed"))?
     }
 
     /// Like [`fetch_after`], on the shared reply subscription.
@@ -220,8 +258,8 @@ struct Registered<'a> {
 }
 
 impl<'a> Registered<'a> {
-    fn new(waiting: &'a Mutex<Waiting>, id: u64, tx: tokio::sync::mpsc::UnboundedSender<async_nats::Message>) -> Self {
-        waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+    fn new(waiting: &'a Mutex<Waiting>, id: u64, pending: Pending) -> Self {
+        waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(id, pending);
         Registered { waiting, id }
     }
 }
@@ -311,6 +349,57 @@ mod tests {
         c.follow(None, Some(3)).unwrap();
         c.follow(None, Some(9)).unwrap();
         c.follow(Some(9), None).unwrap();
+    }
+
+    /// A reply as the server sends it: stored message `seq` (or the end-of-batch status with
+    /// `seq` None) after message `previous`.
+    fn reply(seq: Option<u64>, previous: u64) -> async_nats::Message {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Last-Sequence", previous.to_string().as_str());
+        if let Some(seq) = seq {
+            headers.insert("Nats-Sequence", seq.to_string().as_str());
+            headers.insert("Nats-Subject", "inbox.alice");
+        }
+        async_nats::Message {
+            subject: "_INBOX.gateway.x.1".into(),
+            reply: None,
+            payload: Bytes::from_static(b"m"),
+            headers: Some(headers),
+            status: seq.is_none().then(|| 204u16.try_into().unwrap()),
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn a_batch_completes_at_its_end_or_at_max() {
+        let mut b = Batch::new(10);
+        b.feed(reply(Some(3), 0)).unwrap();
+        b.feed(reply(Some(8), 3)).unwrap();
+        assert!(!b.is_complete());
+        b.feed(reply(None, 8)).unwrap();
+        assert!(b.is_complete());
+        assert_eq!(b.out.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![3, 8]);
+
+        let mut b = Batch::new(1);
+        b.feed(reply(Some(3), 0)).unwrap();
+        assert!(b.is_complete());
+    }
+
+    #[test]
+    fn a_batch_with_a_hole_or_a_bad_reply_fails() {
+        let mut b = Batch::new(10);
+        b.feed(reply(Some(3), 0)).unwrap();
+        assert!(b.feed(reply(Some(9), 8)).is_err());
+
+        let mut b = Batch::new(10);
+        let mut no_seq = reply(Some(3), 0);
+        no_seq.headers.as_mut().unwrap().insert("Nats-Sequence", "x");
+        assert!(b.feed(no_seq).is_err());
+
+        let mut refused = reply(None, 0);
+        refused.status = Some(408u16.try_into().unwrap());
+        assert!(Batch::new(10).feed(refused).is_err());
     }
 
     #[test]
