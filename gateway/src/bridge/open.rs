@@ -27,7 +27,13 @@ impl OpenReads {
         since: u64,
         prefetch: usize,
     ) -> Result<Opened, OpenFailure> {
-        let reads = futures::future::join(self.device(user, device), settings(&self.settings, user, None));
+        // Each read is boxed, so it is freed as soon as it completes: a connection waiting for
+        // its confirmation (long during a fast ramp) then holds a few pointers, not the state of
+        // every read (async-nats KV futures are large). Thousands of these wait at once, and the
+        // bridge's memory, and the page faults that grew it, followed their size.
+        let device_read = Box::pin(self.device(user, device));
+        let settings_read = Box::pin(settings(&self.settings, user, None));
+        let reads = futures::future::join(device_read, settings_read);
         let (confirmed, ((cursor, devices), user_settings)) = futures::future::join(confirmed, reads).await;
         // Unconfirmed first: the client retries either way, and this failure says more.
         confirmed.map_err(|_| OpenFailure::Subscription)?;
@@ -35,7 +41,7 @@ impl OpenReads {
         // Unreadable settings fall back to the defaults (as a `settings` request would say).
         let history_days = user_settings.map(|s| s.history_days).unwrap_or(0);
         let first_batch = if since <= cursor {
-            Some(self.direct.fetch_after(user, cursor, prefetch).await.map_err(OpenFailure::Backbone)?)
+            Some(Box::pin(self.direct.fetch_after(user, cursor, prefetch)).await.map_err(OpenFailure::Backbone)?)
         } else {
             None
         };
@@ -58,7 +64,7 @@ impl OpenReads {
         match own_cursor(&listing, &key) {
             Some(cursor) => (Ok(cursor), listing.len()),
             // Registered now (or by a concurrent connection of the same device meanwhile).
-            None => (open_cursor(&self.cursors, user, device).await, listing.len() + 1),
+            None => (Box::pin(open_cursor(&self.cursors, user, device)).await, listing.len() + 1),
         }
     }
 }
