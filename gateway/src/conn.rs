@@ -16,7 +16,7 @@ use protocol::{
     PresenceView, ServerFrame, UserId,
 };
 
-use crate::bridge::{Mirror, PublishFailure, Stored};
+use crate::bridge::{Mirror, OpenFailure, PublishFailure, Stored};
 use crate::delivery::{Delivery, Live, ReceiptTarget};
 use crate::executor::ExecCtx;
 use crate::handshake::{self, Request};
@@ -24,6 +24,7 @@ use crate::outbox::{Kick, Outbox};
 use crate::ratelimit::{ConnLimits, Kind, Scope};
 use crate::stream::{self, ClientStream};
 use crate::wsio::{Message, ReadError, WsIo};
+use bus::inbox::StoredItem;
 use protocol::ClientMsgId;
 
 type Ws = WsIo<ClientStream>;
@@ -314,7 +315,7 @@ impl Session {
             }
             if self.outbox.take_resync() {
                 self.ctx.metrics.resyncs.inc();
-                if let Err(reason) = Box::pin(self.drain(false)).await {
+                if let Err(reason) = Box::pin(self.drain(false, None)).await {
                     return reason;
                 }
             }
@@ -376,24 +377,26 @@ impl Session {
     }
 
     /// Subscribe to live copies, then drain the inbox: nothing stored after the subscription
-    /// can be missed, and what arrives both ways is deduplicated by sequence.
+    /// can be missed, and what arrives both ways is deduplicated by sequence. The bridge does
+    /// the subscription and the reads (cursor, devices, settings, first drain batch) in one
+    /// request, concurrently where they are independent.
     async fn start(&mut self, since: u64) -> Result<(), Reason> {
         let ctx = self.ctx.clone();
-        if !ctx.bridge.subscribe(self.user.clone(), ctx.id).await {
-            self.close(1013, "backbone unavailable, retry later").await;
-            return Err("backbone_unavailable");
-        }
-        let cursor = match ctx.bridge.open_cursor(self.user.clone(), self.device.clone()).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cursor read failed");
-                self.close(1013, "backbone unavailable, retry later").await;
-                return Err("backbone_unavailable");
-            }
-        };
+        let opened =
+            match ctx.bridge.open(self.user.clone(), self.device.clone(), ctx.id, since, ctx.cfg.drain_batch).await {
+                Ok(o) => o,
+                Err(failure) => {
+                    if let OpenFailure::Backbone(e) = &failure {
+                        tracing::warn!(error = %format!("{e:#}"), "connection setup read failed");
+                    }
+                    self.close(1013, "backbone unavailable, retry later").await;
+                    return Err("backbone_unavailable");
+                }
+            };
+        let cursor = opened.cursor;
         // With other devices registered, what this one sends and reads is copied for them.
-        self.mirror = ctx.bridge.devices(self.user.clone()).await > 1;
-        self.history_days = ctx.bridge.settings(self.user.clone(), None).await.map(|s| s.history_days).unwrap_or(0);
+        self.mirror = opened.devices > 1;
+        self.history_days = opened.history_days;
 
         self.delivery = Delivery::new(cursor);
         if since > cursor {
@@ -410,7 +413,9 @@ impl Session {
         }
         .to_json();
         self.send(hello).await?;
-        self.drain(true).await
+        // The first batch was read after the cursor, which is where the drain starts when it
+        // is there at all (`since` not beyond the cursor).
+        self.drain(true, opened.first_batch).await
     }
 
     /// A client resuming with `since` above the stored cursor holds those items (its acks were
@@ -457,24 +462,32 @@ impl Session {
         self.record_ack(since);
     }
 
-    /// Sends every inbox item after the last one sent, oldest first.
-    async fn drain(&mut self, announce: bool) -> Result<(), Reason> {
+    /// Sends every inbox item after the last one sent, oldest first, starting with `first` (the
+    /// first batch after the last item sent, already read) if given.
+    async fn drain(&mut self, announce: bool, mut first: Option<Vec<StoredItem>>) -> Result<(), Reason> {
         let started = Instant::now();
         let mut count = 0u64;
         let mut convs: Vec<ConvSummary> = Vec::new();
         // Live copies queued now are older than what the drain reads; drop them (a copy that
-        // arrives later is deduplicated by sequence).
-        self.outbox.take_all();
+        // arrives later is deduplicated by sequence). Not when the first batch was read before
+        // now: copies of items stored since then may be queued, and the drain may not read
+        // those items (an empty batch ends it); they are delivered after it, or resync.
+        if first.is_none() {
+            self.outbox.take_all();
+        }
         loop {
-            let batch =
-                match self.ctx.bridge.fetch(self.user.clone(), self.delivery.sent(), self.ctx.cfg.drain_batch).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "inbox read failed");
-                        self.close(1013, "backbone unavailable, retry later").await;
-                        return Err("backbone_unavailable");
-                    }
-                };
+            let read = match first.take() {
+                Some(batch) => Ok(batch),
+                None => self.ctx.bridge.fetch(self.user.clone(), self.delivery.sent(), self.ctx.cfg.drain_batch).await,
+            };
+            let batch = match read {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "inbox read failed");
+                    self.close(1013, "backbone unavailable, retry later").await;
+                    return Err("backbone_unavailable");
+                }
+            };
             if batch.is_empty() {
                 break;
             }

@@ -6,7 +6,7 @@ pub(super) async fn open_cursor(kv: &jetstream::kv::Store, user: &UserId, device
     let key = subjects::cursor_key(user, device);
     for _ in 0..3 {
         if let Some(v) = kv.get(&key).await? {
-            return Ok(std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0));
+            return Ok(super::open::parse_cursor(&v));
         }
         // Register the device so that storage keeps the inbox until this device has it. A
         // concurrent connection of the same device may create it first: then read it again.

@@ -36,11 +36,13 @@ use crate::readiness::Readiness;
 mod groups;
 mod kv;
 pub mod live_mux;
+mod open;
 mod publish;
 
 use groups::*;
 use kv::*;
 use live_mux::{LiveDelivery, LiveKind, LiveMux, MuxConfig, MuxEvent};
+use open::OpenReads;
 use publish::*;
 
 /// Live copies queued for one executor beyond which further copies are dropped (and that
@@ -93,12 +95,19 @@ pub enum Command {
         push: bool,
         reply: oneshot::Sender<Result<Stored, PublishFailure>>,
     },
-    /// Executor `exec` wants live copies for `user`; the reply comes once the server has the
-    /// subscription, so a drain started after it cannot miss an item.
-    Subscribe {
+    /// A connection of `user`'s `device` on executor `exec` opens: subscribe to live copies
+    /// and, meanwhile, read the device's cursor (registering the device when new), count the
+    /// user's devices and read its settings; once the server has confirmed the subscription,
+    /// read the first drain batch (when the drain starts at the cursor: `since` ≤ cursor), so
+    /// that nothing stored after the subscription can be missed. One command and one reply per
+    /// connection, the reads concurrent.
+    Open {
         user: UserId,
+        device: DeviceId,
         exec: usize,
-        reply: oneshot::Sender<()>,
+        since: u64,
+        prefetch: usize,
+        reply: oneshot::Sender<Result<Opened, OpenFailure>>,
     },
     Unsubscribe {
         user: UserId,
@@ -109,13 +118,6 @@ pub enum Command {
         after: u64,
         max: usize,
         reply: oneshot::Sender<anyhow::Result<Vec<bus::inbox::StoredItem>>>,
-    },
-    /// The device's stored cursor; registers the device (cursor 0) when it has none, so storage
-    /// keeps the inbox for it.
-    OpenCursor {
-        user: UserId,
-        device: DeviceId,
-        reply: oneshot::Sender<anyhow::Result<u64>>,
     },
     /// Record a device's cursor: debounced, or at once with `now` (a closing connection).
     Cursor {
@@ -190,11 +192,6 @@ pub enum Command {
     InboxLastSeq {
         reply: oneshot::Sender<anyhow::Result<u64>>,
     },
-    /// How many devices `user` has registered (cursor entries).
-    Devices {
-        user: UserId,
-        reply: oneshot::Sender<usize>,
-    },
     /// Read the user's settings, or change its history retention first.
     Settings {
         user: UserId,
@@ -212,6 +209,29 @@ pub enum Command {
     },
     /// Tell every executor to drain.
     Drain,
+}
+
+/// What a connection needs to start, read by [`Command::Open`].
+#[derive(Debug)]
+pub struct Opened {
+    /// The device's stored cursor (0 for a device registered now).
+    pub cursor: u64,
+    /// How many devices the user has registered, this one included.
+    pub devices: usize,
+    /// The user's history retention (0 when unset or unreadable).
+    pub history_days: u32,
+    /// The first drain batch after `cursor`, read after the subscription was confirmed; `None`
+    /// when the client resumes beyond the cursor (the drain then starts elsewhere).
+    pub first_batch: Option<Vec<bus::inbox::StoredItem>>,
+}
+
+/// Why [`Command::Open`] failed; either way the client is told to retry later.
+#[derive(Debug)]
+pub enum OpenFailure {
+    /// The live subscription was not confirmed (the live connection is down).
+    Subscription,
+    /// A read from the backbone failed.
+    Backbone(anyhow::Error),
 }
 
 /// A copy of a sent message kept after its PubAck, when its server id is known (in the sender's
@@ -261,10 +281,19 @@ impl Bridge {
         let _ = self.tx.send(cmd);
     }
 
-    pub async fn subscribe(&self, user: UserId, exec: usize) -> bool {
+    /// See [`Command::Open`]. The subscription is taken even when this fails: the connection
+    /// releases it with [`Bridge::unsubscribe`] however it ends.
+    pub async fn open(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        exec: usize,
+        since: u64,
+        prefetch: usize,
+    ) -> Result<Opened, OpenFailure> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Subscribe { user, exec, reply });
-        rx.await.is_ok()
+        self.send(Command::Open { user, device, exec, since, prefetch, reply });
+        rx.await.unwrap_or_else(|_| Err(OpenFailure::Backbone(anyhow::anyhow!("bridge gone"))))
     }
 
     pub fn unsubscribe(&self, user: UserId, exec: usize) {
@@ -274,12 +303,6 @@ impl Bridge {
     pub async fn fetch(&self, user: UserId, after: u64, max: usize) -> anyhow::Result<Vec<bus::inbox::StoredItem>> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Fetch { user, after, max, reply });
-        rx.await.context("bridge gone")?
-    }
-
-    pub async fn open_cursor(&self, user: UserId, device: DeviceId) -> anyhow::Result<u64> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::OpenCursor { user, device, reply });
         rx.await.context("bridge gone")?
     }
 
@@ -332,12 +355,6 @@ impl Bridge {
         let (reply, rx) = oneshot::channel();
         self.send(Command::InboxLastSeq { reply });
         rx.await.context("bridge gone")?
-    }
-
-    pub async fn devices(&self, user: UserId) -> usize {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Devices { user, reply });
-        rx.await.unwrap_or(0)
     }
 
     pub fn group_publish_cmd(
@@ -465,6 +482,8 @@ async fn run(
         .build(client.clone());
     bus::wait_ready(&js).await?;
     let kv = js.get_key_value(subjects::CURSORS_BUCKET).await?;
+    // Inbox drains and KV listings share one reply subscription (no SUB/UNSUB per read).
+    let direct = bus::inbox::DirectGets::new(&client).await?;
     ready.set_backbone(true);
     tracing::info!(gateway = %cfg.gateway_id, "bridge ready");
 
@@ -553,39 +572,34 @@ async fn run(
                             let _ = reply.send(res);
                         });
                     }
-                    Command::Devices { user, reply } => {
-                        let client = client.clone();
-                        tokio::spawn(async move {
-                            let n = bus::inbox::kv_last_values(&client, subjects::CURSORS_BUCKET, &format!("{user}.*"), 1024)
-                                .await
-                                .map(|v| v.len())
-                                .unwrap_or(0);
-                            let _ = reply.send(n);
-                        });
-                    }
-                    Command::Subscribe { user, exec, reply } => {
+                    Command::Open { user, device, exec, since, prefetch, reply } => {
                         // Every subscriber waits for a PING/PONG round trip on the live
                         // connection after the SUB: then the server has the interest, and a
                         // drain started afterwards cannot miss an item. A user already
                         // subscribed costs one more PING (batched with others).
+                        let (confirmed_tx, confirmed) = oneshot::channel();
                         if let Some(i) = interests.get_mut(&user) {
                             match i.execs.iter_mut().find(|(e, _)| *e == exec) {
                                 Some((_, n)) => *n += 1,
                                 None => i.execs.push((exec, 1)),
                             }
                             match &mut i.waiting {
-                                Some(w) => w.push(reply),
+                                Some(w) => w.push(confirmed_tx),
                                 None => {
-                                    i.waiting = Some(vec![reply]);
+                                    i.waiting = Some(vec![confirmed_tx]);
                                     mux.confirm(i.sid);
                                 }
                             }
-                            continue;
+                        } else {
+                            let sid = mux.subscribe(user.clone());
+                            interests.insert(user.clone(), Interest { execs: smallvec::smallvec![(exec, 1)], sid, waiting: Some(vec![confirmed_tx]) });
+                            let _ = presence.send(PresenceCmd::Online(user.clone()));
+                            metrics.live_subscriptions.inc();
                         }
-                        let sid = mux.subscribe(user.clone());
-                        interests.insert(user.clone(), Interest { execs: smallvec::smallvec![(exec, 1)], sid, waiting: Some(vec![reply]) });
-                        let _ = presence.send(PresenceCmd::Online(user.clone()));
-                        metrics.live_subscriptions.inc();
+                        let reads = OpenReads { direct: direct.clone(), cursors: kv.clone(), settings: settings_kv.clone() };
+                        tokio::spawn(async move {
+                            let _ = reply.send(reads.open(&user, &device, confirmed, since, prefetch).await);
+                        });
                     }
                     Command::Unsubscribe { user, exec } => {
                         let Some(i) = interests.get_mut(&user) else { continue };
@@ -603,14 +617,10 @@ async fn run(
                         }
                     }
                     Command::Fetch { user, after, max, reply } => {
-                        let client = client.clone();
+                        let direct = direct.clone();
                         tokio::spawn(async move {
-                            let _ = reply.send(bus::inbox::fetch_after(&client, &user, after, max).await);
+                            let _ = reply.send(direct.fetch_after(&user, after, max).await);
                         });
-                    }
-                    Command::OpenCursor { user, device, reply } => {
-                        let kv = kv.clone();
-                        tokio::spawn(async move { let _ = reply.send(open_cursor(&kv, &user, &device).await); });
                     }
                     Command::Cursor { user, device, seq, now } => {
                         let key = (user, device);
