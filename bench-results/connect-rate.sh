@@ -11,7 +11,9 @@
 # Environment: CONNECTIONS (19000), RATES ("2000 5000 10000 50000" connections/s), HOLD (5s),
 # TIMEOUT (15s per handshake), GATEWAY_CORES (1), PROBE (1: the delivery probe after each hold,
 # at PROBE_RATE 2000/s; 0 skips it), PERF_RATE (a rate of RATES during whose ramp `perf record -g`
-# samples the gateway; empty: no profile), WAIT_QUIET (1), QUIET_PCT (20), NATS_SERVER.
+# samples the gateway; empty: no profile), WAIT_QUIET (1), QUIET_PCT (20), NATS_SERVER, GATEWAY_BIN
+# (a gateway binary to measure instead of target/release/gateway, for a side-by-side with an
+# older build).
 #
 # Writes each run's connect-<stamp>.{json,md,svg} and a summary connect-rate-<stamp>.md (with
 # perf-connect-<stamp>.txt when profiled) into the output directory (default bench-results/).
@@ -48,7 +50,10 @@ if [[ $build == 1 ]]; then
 fi
 bin="$root/target/release"
 work="$(mktemp -d /tmp/connect-rate.XXXXXX)"
-cp "$bin/loadgen" "$bin/gateway" "$bin/storage" "$work/"
+cp "$bin/loadgen" "$bin/storage" "$work/"
+# GATEWAY_BIN: another gateway build to measure (e.g. an older commit's, for a side-by-side).
+cp "${GATEWAY_BIN:-$bin/gateway}" "$work/gateway"
+log "gateway binary: ${GATEWAY_BIN:-$bin/gateway} (sha256 $(sha256sum "$work/gateway" | cut -c1-16))"
 export PATH="$work:$PATH"
 cleanup() { stop_all; rm -rf "$work"; }
 trap cleanup EXIT
