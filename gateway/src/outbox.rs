@@ -7,7 +7,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -136,14 +135,9 @@ impl Outbox {
         std::mem::take(&mut *self.queue.borrow_mut())
     }
 
-    /// Resolves when there is something to do: copies queued, a resync or a kick requested.
-    #[allow(dead_code)] // the session polls `poll_ready` in its own wait; kept for tests
-    pub async fn ready(&self) {
-        poll_fn(|cx| self.poll_ready(cx)).await
-    }
-
-    /// Ready when there is something to do; otherwise remembers the waker (replacing an older
-    /// one only when it would wake a different task).
+    /// Ready when there is something to do (copies queued, a resync or a kick requested);
+    /// otherwise remembers the waker (replacing an older one only when it would wake a
+    /// different task).
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         if !self.queue.borrow().is_empty() || self.resync.get() || self.kick.get().is_some() {
             return Poll::Ready(());

@@ -73,14 +73,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
     }
 
     /// The next message, `None` when the client closed the connection (EOF or after its Close).
-    /// Cancel-safe: bytes read are decoded in the same poll, so dropping the future loses nothing.
-    #[allow(dead_code)] // the session polls `poll_next` in its own wait; tests use this
-    pub async fn next(&mut self) -> Option<Result<Message, ReadError>> {
-        futures::future::poll_fn(|cx| self.poll_next(cx)).await
-    }
-
-    /// [`WsIo::next`] as a poll: what the session's idle wait calls, so that waiting holds no
-    /// future of its own (only glommio's readiness poll, in the stream).
+    /// A poll rather than an `async fn`, so that the session's idle wait holds no future of its
+    /// own (only glommio's readiness poll, in the stream). Bytes read are decoded in the same
+    /// poll, so nothing is lost between polls.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, ReadError>>> {
         loop {
             if let Some(m) = self.inbound.pop_front() {
