@@ -358,8 +358,9 @@ impl Session {
                 match p.poll_next_unpin(cx) {
                     Poll::Ready(Some(reply)) => return Poll::Ready(Wake::Published(reply)),
                     Poll::Ready(None) => {
-                        // Nothing in flight: release the queue, and start the next send on a
-                        // fresh chain (a failure already answered must not fail later sends).
+                        // Nothing in flight: release the queue and the last send's completion
+                        // (an idle connection holds neither; a failure among them is kept in
+                        // `retry_first`, which is what orders the sends after it).
                         *pending = None;
                         self.send_chain = None;
                     }

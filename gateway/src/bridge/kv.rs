@@ -21,7 +21,9 @@ pub(super) async fn open_cursor(kv: &jetstream::kv::Store, user: &UserId, device
 /// disconnect (a drain, a network cut) queues a 40-byte entry per connection rather than a task
 /// with its own KV handle each (about 4 KB per closing connection, measured with heaptrack).
 pub(super) struct CursorWriter {
-    kv: jetstream::kv::Store,
+    /// Shared by the writes in flight: a `Store` clone copies the bucket's whole stream
+    /// configuration (maps included), too much to do per write.
+    kv: Arc<jetstream::kv::Store>,
     metrics: Arc<Metrics>,
     queue: std::collections::VecDeque<((UserId, DeviceId), u64)>,
     in_flight: futures::stream::FuturesUnordered<futures::future::BoxFuture<'static, ()>>,
@@ -31,7 +33,7 @@ impl CursorWriter {
     pub(super) const IN_FLIGHT: usize = 64;
 
     pub(super) fn new(kv: jetstream::kv::Store, metrics: Arc<Metrics>) -> Self {
-        CursorWriter { kv, metrics, queue: Default::default(), in_flight: Default::default() }
+        CursorWriter { kv: Arc::new(kv), metrics, queue: Default::default(), in_flight: Default::default() }
     }
 
     /// Queues a write of `seq` as the device's cursor.
